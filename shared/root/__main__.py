@@ -1,0 +1,5 @@
+import sys
+
+from mcpherd.cli import main
+
+sys.exit(main())

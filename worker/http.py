@@ -1,0 +1,364 @@
+"""HTTP/1.1 server connections: httptools parses, this module frames responses.
+
+One `HttpConnection` per TCP connection. Requests on a keep-alive connection may be pipelined; their
+responses leave in request order, whatever order the handler finishes them in (RFC 9112 section 9.3.2).
+A response is either complete (`Response`) or a server-sent-event stream (`EventStream`) that stays
+open until the handler ends it or the client goes away.
+
+Limits are enforced here, before the MCP layer sees a byte: header block size (431), body size (413),
+a deadline to finish sending a request (408) and an idle keep-alive timeout. They are checked by one
+sweep per second over all connections rather than a timer per request, which costs nothing on the
+hot path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import zlib
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Protocol
+
+import httptools
+
+from mcpherd.worker.limits import HttpLimits
+
+_REASONS = {s.value: s.phrase for s in HTTPStatus}
+_GZIP_MIN_BYTES = 1024
+_CHUNK_END = b"0\r\n\r\n"
+
+
+@dataclass(slots=True)
+class Request:
+    method: str
+    path: str
+    query: str
+    headers: dict[str, str]  # lower-case names; repeated headers joined with ", " (RFC 9110 5.3)
+    body: bytes
+    keep_alive: bool
+    connection: HttpConnection
+
+    def header(self, name: str, default: str = "") -> str:
+        return self.headers.get(name, default)
+
+
+@dataclass(slots=True)
+class Response:
+    status: int
+    body: bytes = b""
+    content_type: str | None = None
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    close: bool = False  # close the connection after this response
+
+    @classmethod
+    def json(cls, status: int, body: bytes, headers: list[tuple[str, str]] | None = None) -> Response:
+        return cls(status, body, "application/json", headers or [])
+
+
+class Stream(Protocol):
+    """What a connection needs of a streaming response."""
+
+    def attach(self, connection: HttpConnection) -> None: ...
+    def detach(self) -> None: ...
+
+
+ResponseLike = Response | Stream
+Handler = Callable[[Request], "ResponseLike | Awaitable[ResponseLike]"]
+
+
+class ConnState(enum.Enum):
+    IDLE = 0  # keep-alive, waiting for the next request
+    READING = 1  # a request has begun arriving
+    BUSY = 2  # every byte of the request arrived; the handler owns it
+
+
+class HttpConnection(asyncio.Protocol):
+    """One client connection. The parser calls the `on_*` methods from inside `data_received`."""
+
+    def __init__(self, handler: Handler, limits: HttpLimits, registry: set[HttpConnection]) -> None:
+        self._handler = handler
+        self._limits = limits
+        self._registry = registry
+        self._loop = asyncio.get_running_loop()
+        self._parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.state = ConnState.IDLE
+        self.deadline = 0.0
+        self.closed = False
+        self._url = b""
+        self._headers: dict[str, str] = {}
+        self._header_bytes = 0
+        self._body: list[bytes] = []
+        self._body_bytes = 0
+        self._rejected = False
+        # Responses in request order: a completed Response, a Stream, or None while the handler runs.
+        self._queue: deque[list[ResponseLike | None]] = deque()
+        self._active_stream: Stream | None = None
+        self._write_paused = False
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        self.on_close: list[Callable[[], None]] = []
+        self.draining = False  # graceful shutdown: close once the last response is written
+
+    # -- asyncio.Protocol ----------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not asyncio's classes
+        self._registry.add(self)
+        self.deadline = self._loop.time() + self._limits.keepalive_timeout
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._registry.discard(self)
+        if self._active_stream is not None:
+            self._active_stream.detach()
+            self._active_stream = None
+        for entry in self._queue:
+            if entry[0] is not None and not isinstance(entry[0], Response):
+                entry[0].detach()
+        self._queue.clear()
+        for waiter in self._drain_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        for callback in self.on_close:
+            callback()
+
+    def data_received(self, data: bytes) -> None:
+        if self._rejected:
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._reject(400, b"protocol upgrade is not supported")
+        except httptools.HttpParserError as exc:
+            if not self._rejected:
+                self._reject(400, f"malformed HTTP request: {exc}".encode())
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    # -- parser callbacks ----------------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self.state = ConnState.READING
+        self.deadline = self._loop.time() + self._limits.request_timeout
+        self._url = b""
+        self._headers = {}
+        self._header_bytes = 0
+        self._body = []
+        self._body_bytes = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._count_header_bytes(len(url))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count_header_bytes(len(name) + len(value) + 4)
+        if len(self._headers) >= self._limits.max_headers:
+            self._reject(431, b"too many request headers")
+            return
+        key = name.decode("latin-1").lower()
+        text = value.decode("latin-1")
+        previous = self._headers.get(key)
+        self._headers[key] = text if previous is None else f"{previous}, {text}"
+
+    def on_headers_complete(self) -> None:
+        length = self._headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self._limits.max_body_bytes:
+            self._reject(413, b"request body exceeds %d bytes" % self._limits.max_body_bytes)
+
+    def on_body(self, body: bytes) -> None:
+        self._body_bytes += len(body)
+        if self._body_bytes > self._limits.max_body_bytes:
+            self._reject(413, b"request body exceeds %d bytes" % self._limits.max_body_bytes)
+            return
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        if self._rejected:
+            return
+        self.state = ConnState.BUSY
+        path, _, query = self._url.decode("latin-1").partition("?")
+        body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+        request = Request(
+            self._parser.get_method().decode("ascii"),
+            path,
+            query,
+            self._headers,
+            body,
+            self._parser.should_keep_alive(),
+            self,
+        )
+        entry: list[ResponseLike | None] = [None]
+        self._queue.append(entry)
+        try:
+            result = self._handler(request)
+        except Exception as exc:  # a handler bug must cost one request, never the connection loop
+            result = internal_error(exc)
+        if isinstance(result, Response) or hasattr(result, "attach"):
+            self._complete(entry, request, result)  # type: ignore[arg-type]
+        else:
+            future = asyncio.ensure_future(result)  # type: ignore[arg-type]
+            future.add_done_callback(lambda f: self._complete(entry, request, _task_result(f)))
+
+    # -- responses -----------------------------------------------------------------------------
+    def _complete(self, entry: list[ResponseLike | None], request: Request, result: ResponseLike) -> None:
+        if self.closed:
+            if not isinstance(result, Response):
+                result.detach()
+            return
+        if not request.keep_alive and isinstance(result, Response):
+            result.close = True
+        entry[0] = result
+        self._flush()
+
+    def _flush(self) -> None:
+        while self._queue and self._active_stream is None:
+            head = self._queue[0][0]
+            if head is None:
+                return
+            self._queue.popleft()
+            if isinstance(head, Response):
+                self._write_response(head)
+                if head.close:
+                    self._close_after_write()
+                    return
+            else:
+                self._active_stream = head
+                head.attach(self)
+        if not self._queue and self._active_stream is None and self.state is ConnState.BUSY:
+            self.state = ConnState.IDLE
+            self.deadline = self._loop.time() + self._limits.keepalive_timeout
+            if self.draining:
+                self._close_after_write()
+
+    def stream_finished(self, stream: Stream) -> None:
+        """Called by a stream once its terminating chunk is written."""
+        if self._active_stream is stream:
+            self._active_stream = None
+            self._flush()
+
+    def _write_response(self, response: Response) -> None:
+        assert self.transport is not None
+        body = response.body
+        lines = [f"HTTP/1.1 {response.status} {_REASONS.get(response.status, 'Unknown')}"]
+        if response.content_type:
+            lines.append(f"content-type: {response.content_type}")
+        for name, value in response.headers:
+            lines.append(f"{name}: {value}")
+        if response.close or self.draining:
+            lines.append("connection: close")
+        lines.append(f"content-length: {len(body)}\r\n\r\n")
+        head = "\r\n".join(lines).encode("latin-1")
+        self.transport.write(head + body if len(body) < 65536 else head)
+        if len(body) >= 65536:
+            self.transport.write(body)
+
+    def write_stream_head(self, status: int, headers: list[tuple[str, str]]) -> None:
+        assert self.transport is not None
+        lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}"]
+        lines.extend(f"{name}: {value}" for name, value in headers)
+        lines.append("transfer-encoding: chunked\r\n\r\n")
+        self.transport.write("\r\n".join(lines).encode("latin-1"))
+
+    def write_chunk(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed and data:
+            self.transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+
+    def write_last_chunk(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(_CHUNK_END)
+
+    def loop_time(self) -> float:
+        return self._loop.time()
+
+    def abort(self) -> None:
+        self._close_now()
+
+    @property
+    def active_stream(self) -> Stream | None:
+        return self._active_stream
+
+    @property
+    def write_buffer_size(self) -> int:
+        return 0 if self.transport is None else self.transport.get_write_buffer_size()
+
+    async def drained(self) -> None:
+        """Wait until the transport accepts writes again (backpressure for streams)."""
+        if not self._write_paused or self.closed:
+            return
+        waiter: asyncio.Future[None] = self._loop.create_future()
+        self._drain_waiters.append(waiter)
+        await waiter
+
+    # -- limits and closing --------------------------------------------------------------------
+    def _count_header_bytes(self, n: int) -> None:
+        self._header_bytes += n
+        if self._header_bytes > self._limits.max_header_bytes and not self._rejected:
+            self._reject(431, b"request header block too large")
+
+    def _reject(self, status: int, message: bytes) -> None:
+        """Answer a request that cannot be parsed or is over a limit, then close the connection."""
+        self._rejected = True
+        self._queue.clear()
+        if self._active_stream is not None:
+            self._close_now()
+            return
+        self._write_response(Response(status, message + b"\n", "text/plain; charset=utf-8", close=True))
+        self._close_after_write()
+
+    def _close_after_write(self) -> None:
+        self._rejected = True  # ignore anything the client still sends
+        if self.transport is not None:
+            self.transport.close()
+
+    def _close_now(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def expire(self, now: float) -> None:
+        """Enforce the idle and request-read deadlines (called by the server's sweep)."""
+        if self.state is ConnState.BUSY or now < self.deadline:
+            return
+        if self.state is ConnState.READING:
+            self._reject(408, b"request not received in time")
+        else:
+            self._close_after_write()
+
+    def close_when_idle(self) -> None:
+        """Graceful shutdown: close now if nothing is in flight, else after the last response."""
+        self.draining = True
+        if self.state is ConnState.IDLE:
+            self._close_after_write()
+
+
+def _task_result(task: asyncio.Future[ResponseLike]) -> ResponseLike:
+    if task.cancelled():
+        return Response(503, b"request cancelled\n", "text/plain; charset=utf-8", close=True)
+    exc = task.exception()
+    return internal_error(exc) if exc is not None else task.result()
+
+
+def internal_error(exc: BaseException) -> Response:
+    import logging
+
+    logging.getLogger("mcpherd.worker").error("request handler failed", exc_info=exc)
+    return Response(500, b"internal server error\n", "text/plain; charset=utf-8")
+
+
+def gzip_if_worth_it(request: Request, response: Response) -> Response:
+    """Compress JSON bodies above 1 KiB when the client accepts gzip."""
+    if len(response.body) < _GZIP_MIN_BYTES or "gzip" not in request.headers.get("accept-encoding", ""):
+        return response
+    compressor = zlib.compressobj(5, zlib.DEFLATED, 31)
+    response.body = compressor.compress(response.body) + compressor.flush()
+    response.headers.append(("content-encoding", "gzip"))
+    response.headers.append(("vary", "accept-encoding"))
+    return response

@@ -1,0 +1,420 @@
+"""MCP methods, the same code for every protocol version; the `Call` says which version asked.
+
+Each handler takes the `Call` and its raw params and returns the result object, or an awaitable of it.
+Handlers raise `RpcError` for protocol errors; errors inside a tool become `isError` results.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+from mcpherd.shared.signing import Signer
+from mcpherd.worker import jsonrpc as rpc
+from mcpherd.worker.app import App, PromptDef, ResourceDef, ToolDef
+from mcpherd.worker.content import CONTENT_TYPES, PromptMessage, TextContent
+from mcpherd.worker.context import LOG_LEVELS, ClientError, InputRequired, ToolError
+from mcpherd.worker.invoke import Invoker, convert_arguments, decode_arguments
+
+log = logging.getLogger("mcpherd.worker")
+MODERN = "2026-07-28"
+INPUT_STATE_TTL = 600.0
+# 2026-07-28 caching hints (SEP-2549). Lists depend only on the deployed code: public, but a reload may
+# change them, so no freshness is promised. A resource may be user-specific: private.
+LIST_HINTS = {"ttlMs": 0, "cacheScope": "public"}
+READ_HINTS = {"ttlMs": 0, "cacheScope": "private"}
+
+
+class Meta(msgspec.Struct):
+    meta: dict[str, Any] | None = msgspec.field(default=None, name="_meta")
+
+
+class ListParams(msgspec.Struct):
+    cursor: str | None = None
+
+
+class CallToolParams(msgspec.Struct):
+    name: str
+    arguments: msgspec.Raw = msgspec.Raw(b"{}")
+    inputResponses: dict[str, Any] | None = None
+    requestState: str | None = None
+
+
+class ReadParams(msgspec.Struct):
+    uri: str
+    inputResponses: dict[str, Any] | None = None
+    requestState: str | None = None
+
+
+class GetPromptParams(msgspec.Struct):
+    name: str
+    arguments: msgspec.Raw = msgspec.Raw(b"{}")
+    inputResponses: dict[str, Any] | None = None
+    requestState: str | None = None
+
+
+class CompleteRef(msgspec.Struct):
+    type: str
+    name: str | None = None
+    uri: str | None = None
+
+
+class CompleteArgument(msgspec.Struct):
+    name: str
+    value: str
+
+
+class CompleteContext(msgspec.Struct):
+    arguments: dict[str, str] | None = None
+
+
+class CompleteParams(msgspec.Struct):
+    ref: CompleteRef
+    argument: CompleteArgument
+    context: CompleteContext | None = None
+
+
+class SetLevelParams(msgspec.Struct):
+    level: str
+
+
+class InputState(msgspec.Struct, array_like=True):
+    """The signed `requestState` of a 2026-07-28 multi-round request: what was already answered.
+
+    Bound to the method, its target (tool, prompt or URI) and a digest of the arguments, so a state
+    cannot be replayed on another request; it expires after INPUT_STATE_TTL. A fresh timestamp makes
+    every round's state differ even when the answers do not.
+    """
+
+    method: str
+    target: str
+    arguments_digest: bytes
+    expires: float
+    answers: dict[str, Any]
+
+
+_decoders = {t: msgspec.json.Decoder(t) for t in (ListParams, CallToolParams, ReadParams, GetPromptParams,
+                                                  CompleteParams, SetLevelParams)}
+
+
+def params_of(call: Any, struct_type: type[Any]) -> Any:
+    return rpc.decode_params(call.params, _decoders[struct_type])
+
+
+class Methods:
+    def __init__(self, app: App, invoker: Invoker, secret: bytes, page_size: int = 100) -> None:
+        self.app = app
+        self.invoker = invoker
+        self.page_size = page_size
+        self._state_signer = Signer(secret, "request-state")
+        self.table: dict[str, Callable[[Any], Any]] = {
+            "tools/list": self.tools_list,
+            "tools/call": self.tools_call,
+            "resources/list": self.resources_list,
+            "resources/templates/list": self.templates_list,
+            "resources/read": self.resources_read,
+            "prompts/list": self.prompts_list,
+            "prompts/get": self.prompts_get,
+            "completion/complete": self.complete,
+        }
+        # Removed in 2026-07-28 (ping, logging/setLevel, resources/(un)subscribe answer 404 there).
+        self.handshake_only: dict[str, Callable[[Any], Any]] = {
+            "ping": self.ping,
+            "logging/setLevel": self.set_level,
+            "resources/subscribe": self.subscribe,
+            "resources/unsubscribe": self.unsubscribe,
+        }
+
+    def capabilities(self, modern: bool) -> dict[str, Any]:
+        caps: dict[str, Any] = {}
+        if self.app.tools:
+            caps["tools"] = {"listChanged": True}
+        if self.app.resources or self.app.templates:
+            caps["resources"] = {"subscribe": True, "listChanged": True}
+        if self.app.prompts:
+            caps["prompts"] = {"listChanged": True}
+        if self.app.completers:
+            caps["completions"] = {}
+        if not modern:
+            caps["logging"] = {}
+        return caps
+
+    def server_info(self) -> dict[str, str]:
+        return {"name": self.app.name, "version": self.app.version}
+
+    # -- simple methods ------------------------------------------------------------------------
+    def ping(self, call: Any) -> dict[str, Any]:
+        return {}
+
+    def set_level(self, call: Any) -> dict[str, Any]:
+        level = params_of(call, SetLevelParams).level
+        if level not in LOG_LEVELS:
+            raise rpc.RpcError(rpc.INVALID_PARAMS, f"Invalid params: unknown log level {level!r}")
+        call.session.log_level = level
+        return {}
+
+    def subscribe(self, call: Any) -> dict[str, Any]:
+        uri = params_of(call, ReadParams).uri
+        call.session.subscriptions.add(uri)
+        return {}
+
+    def unsubscribe(self, call: Any) -> dict[str, Any]:
+        call.session.subscriptions.discard(params_of(call, ReadParams).uri)
+        return {}
+
+    def _page(self, call: Any, items: list[dict[str, Any]], key: str) -> dict[str, Any]:
+        cursor = params_of(call, ListParams).cursor
+        start = _decode_cursor(cursor) if cursor else 0
+        page = items[start:start + self.page_size]
+        result: dict[str, Any] = {key: page}
+        if start + self.page_size < len(items):
+            result["nextCursor"] = _encode_cursor(start + self.page_size)
+        if call.modern:
+            result.update(LIST_HINTS)
+        return result
+
+    def tools_list(self, call: Any) -> dict[str, Any]:
+        return self._page(call, [t.listing for t in self.app.tools.values()], "tools")
+
+    def resources_list(self, call: Any) -> dict[str, Any]:
+        return self._page(call, [r.listing for r in self.app.resources.values()], "resources")
+
+    def templates_list(self, call: Any) -> dict[str, Any]:
+        return self._page(call, [r.listing for r in self.app.templates.values()], "resourceTemplates")
+
+    def prompts_list(self, call: Any) -> dict[str, Any]:
+        return self._page(call, [p.listing for p in self.app.prompts.values()], "prompts")
+
+    # -- tools ---------------------------------------------------------------------------------
+    def tools_call(self, call: Any) -> Any:
+        params: CallToolParams = params_of(call, CallToolParams)
+        tool = self.app.tools.get(params.name)
+        if tool is None:
+            raise rpc.RpcError(rpc.INVALID_PARAMS, f"Unknown tool: {params.name}")
+        args = decode_arguments(tool.signature, params.arguments, f"tool {tool.name!r}")
+        if call.modern:
+            self._open_round(call, tool.name, params.arguments, params)
+        context = call.context() if tool.signature.context_param else None
+        try:
+            outcome = self.invoker.call(tool.fn, tool.signature, args, context)
+        except Exception as exc:
+            return self._tool_failure(call, tool, exc)
+        if hasattr(outcome, "__await__"):
+            return self._finish_tool(call, tool, outcome)
+        return tool_result(tool, outcome)
+
+    async def _finish_tool(self, call: Any, tool: ToolDef, outcome: Any) -> Any:
+        try:
+            value = await outcome
+        except Exception as exc:
+            return self._tool_failure(call, tool, exc)
+        return tool_result(tool, value)
+
+    def _tool_failure(self, call: Any, tool: ToolDef, exc: Exception) -> dict[str, Any]:
+        if isinstance(exc, rpc.RpcError):
+            raise exc
+        if isinstance(exc, InputRequired):
+            return self.input_required(call, exc)
+        if isinstance(exc, ClientError):
+            message = f"The client refused a request the tool needed: {exc}"
+        elif isinstance(exc, ToolError):
+            message = str(exc)
+        else:
+            log.info("tool %s raised %s: %s", tool.name, type(exc).__name__, exc)
+            message = str(exc) or type(exc).__name__
+        return {"content": [TextContent(message)], "isError": True}
+
+    # -- 2026-07-28 multi-round requests (tools/call, prompts/get, resources/read) ---------------
+    def _open_round(self, call: Any, target: str, raw_args: msgspec.Raw, params: Any) -> None:
+        """Collect the answers so far: those signed into requestState plus the new inputResponses."""
+        call.round_key = (call.message.method, target, _digest(raw_args))
+        answers: dict[str, Any] = {}
+        if params.requestState is not None:
+            answers.update(self._open_state(call, params.requestState).answers)
+        answers.update(params.inputResponses or {})
+        call.answers = answers
+
+    def _open_state(self, call: Any, token: str) -> InputState:
+        payload = self._state_signer.unseal(token)
+        try:
+            state = msgspec.msgpack.decode(payload, type=InputState) if payload else None
+        except msgspec.DecodeError:
+            state = None
+        if state is None or (state.method, state.target, state.arguments_digest) != call.round_key \
+                or state.expires < time.time():
+            raise rpc.RpcError(rpc.INVALID_PARAMS, "Invalid or expired requestState",
+                               {"reason": "invalid_request_state"})
+        return state
+
+    def input_required(self, call: Any, exc: InputRequired) -> dict[str, Any]:
+        method, target, digest = call.round_key
+        state = InputState(method, target, digest, time.time() + INPUT_STATE_TTL, call.answers or {})
+        return {
+            "resultType": "input_required",
+            "inputRequests": exc.requests,
+            "requestState": self._state_signer.seal(msgspec.msgpack.encode(state)),
+        }
+
+    # -- resources -----------------------------------------------------------------------------
+    def resources_read(self, call: Any) -> Any:
+        params = params_of(call, ReadParams)
+        uri = params.uri
+        resource, variables = self._find_resource(uri)
+        if resource is None:
+            code = rpc.INVALID_PARAMS if call.modern else rpc.RESOURCE_NOT_FOUND
+            raise rpc.RpcError(code, f"Resource not found: {uri}", {"uri": uri})
+        args = convert_arguments(resource.signature, variables, f"resource {uri!r}")
+        if call.modern:
+            self._open_round(call, uri, msgspec.Raw(b"{}"), params)
+        context = call.context() if resource.signature.context_param else None
+        return self._shaped(call, resource.fn, resource.signature, args, context,
+                            lambda value: resource_result(call, resource, uri, value))
+
+    def _shaped(self, call: Any, fn: Any, signature: Any, args: Any, context: Any,
+                shape: Callable[[Any], Any]) -> Any:
+        """Call a resource or prompt function; an unanswered question becomes input_required."""
+        try:
+            outcome = self.invoker.call(fn, signature, args, context)
+        except InputRequired as exc:
+            return self.input_required(call, exc)
+        if hasattr(outcome, "__await__"):
+            return self._shaped_later(call, outcome, shape)
+        return shape(outcome)
+
+    async def _shaped_later(self, call: Any, outcome: Any, shape: Callable[[Any], Any]) -> Any:
+        try:
+            return shape(await outcome)
+        except InputRequired as exc:
+            return self.input_required(call, exc)
+
+    def _find_resource(self, uri: str) -> tuple[ResourceDef | None, dict[str, str]]:
+        resource = self.app.resources.get(uri)
+        if resource is not None:
+            return resource, {}
+        for template in self.app.templates.values():
+            assert template.pattern is not None
+            match = template.pattern.match(uri)
+            if match:
+                return template, match.groupdict()
+        return None, {}
+
+    def resource_exists(self, uri: str) -> bool:
+        return self._find_resource(uri)[0] is not None
+
+    # -- prompts and completion ----------------------------------------------------------------
+    def prompts_get(self, call: Any) -> Any:
+        params = params_of(call, GetPromptParams)
+        prompt = self.app.prompts.get(params.name)
+        if prompt is None:
+            raise rpc.RpcError(rpc.INVALID_PARAMS, f"Unknown prompt: {params.name}")
+        args = decode_arguments(prompt.signature, params.arguments, f"prompt {params.name!r}")
+        if call.modern:
+            self._open_round(call, prompt.name, params.arguments, params)
+        context = call.context() if prompt.signature.context_param else None
+        return self._shaped(call, prompt.fn, prompt.signature, args, context,
+                            lambda value: prompt_result(prompt, value))
+
+    def complete(self, call: Any) -> Any:
+        params = params_of(call, CompleteParams)
+        target = params.ref.name if params.ref.type == "ref/prompt" else params.ref.uri
+        completer = self.app.completers.get((f"{params.ref.type}:{target}", params.argument.name))
+        context_args = params.context.arguments if params.context and params.context.arguments else {}
+        values = completer(params.argument.name, params.argument.value, context_args) if completer else []
+        if hasattr(values, "__await__"):
+            return _then(values, completion_result)  # type: ignore[arg-type]
+        return completion_result(values)
+
+
+# -- result shapes ---------------------------------------------------------------------------------
+def tool_result(tool: ToolDef, value: Any) -> dict[str, Any]:
+    if isinstance(value, dict) and "content" in value and tool.output_type is None:
+        return value  # a complete CallToolResult built by the tool itself
+    if tool.output_type is not None and not _is_content_value(value):
+        structured = {"result": value} if tool.wrap_output else value
+        builtins = msgspec.to_builtins(structured)
+        text = rpc.encode(builtins).decode()
+        return {"content": [TextContent(text)], "structuredContent": builtins}
+    return {"content": content_list(value)}
+
+
+def _is_content_value(value: Any) -> bool:
+    if isinstance(value, CONTENT_TYPES):
+        return True
+    return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(v, CONTENT_TYPES) for v in value)
+
+
+def content_list(value: Any) -> list[Any]:
+    if isinstance(value, str):
+        return [TextContent(value)]
+    if isinstance(value, CONTENT_TYPES):
+        return [value]
+    if isinstance(value, (list, tuple)) and all(isinstance(v, CONTENT_TYPES) for v in value):
+        return list(value)
+    if value is None:
+        return []
+    return [TextContent(rpc.encode(msgspec.to_builtins(value)).decode())]
+
+
+def resource_result(call: Any, resource: ResourceDef, uri: str, value: Any) -> dict[str, Any]:
+    result = value if isinstance(value, dict) and "contents" in value else {"contents": _contents(resource, uri, value)}
+    if call.modern:
+        for key, default in READ_HINTS.items():
+            result.setdefault(key, default)
+    return result
+
+
+def _contents(resource: ResourceDef, uri: str, value: Any) -> list[dict[str, Any]]:
+    if isinstance(value, (bytes, bytearray)):
+        entry: dict[str, Any] = {"uri": uri, "blob": base64.b64encode(value).decode("ascii")}
+    else:
+        entry = {"uri": uri, "text": value if isinstance(value, str) else rpc.encode(value).decode()}
+    if resource.mime_type:
+        entry["mimeType"] = resource.mime_type
+    return [entry]
+
+
+def prompt_result(prompt: PromptDef, value: Any) -> dict[str, Any]:
+    if isinstance(value, str):
+        messages: list[Any] = [PromptMessage("user", TextContent(value))]
+    elif isinstance(value, (PromptMessage, dict)):
+        messages = [value]
+    else:
+        messages = list(value)
+    result: dict[str, Any] = {"messages": messages}
+    if prompt.description:
+        result["description"] = prompt.description
+    return result
+
+
+def completion_result(values: list[str]) -> dict[str, Any]:
+    values = list(values)
+    return {"completion": {"values": values[:100], "total": len(values), "hasMore": len(values) > 100}}
+
+
+async def _then(awaitable: Any, shape: Callable[[Any], Any]) -> Any:
+    return shape(await awaitable)
+
+
+def _digest(raw: msgspec.Raw) -> bytes:
+    canonical = msgspec.json.encode(msgspec.json.decode(raw), order="sorted")
+    return hashlib.sha256(canonical).digest()[:16]
+
+
+def _encode_cursor(offset: int) -> str:
+    return base64.urlsafe_b64encode(f"o{offset}".encode()).decode()
+
+
+def _decode_cursor(cursor: str) -> int:
+    try:
+        text = base64.urlsafe_b64decode(cursor.encode()).decode()
+        if text.startswith("o") and text[1:].isdigit():
+            return int(text[1:])
+    except ValueError:
+        pass
+    raise rpc.RpcError(rpc.INVALID_PARAMS, "Invalid params: unknown pagination cursor")

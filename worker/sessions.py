@@ -1,0 +1,189 @@
+"""Handshake-era (2025-*) sessions that any worker can serve.
+
+A session id is a signed token (`mcpherd.shared.signing`) carrying what every request needs: the
+negotiated protocol version, the client's capability bits and a digest of the credential that created
+it. Any worker holding the cluster secret validates it without asking anyone. What changes during a
+session (log level, subscriptions, the GET stream, the event log for resumption, server-to-client
+requests awaiting answers) lives in a `Session` on the worker that holds it; a worker that sees a valid
+token it does not know builds a fresh `Session` for it. Ended sessions are remembered as revoked until
+their token would have expired anyway, so memory stays bounded.
+
+Ownership is named in ids so the cluster layer can route: stream ids, event ids and server request
+ids all start with this worker's tag (`w<slot>`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import struct
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from mcpherd.shared.signing import Signer, credential_digest
+from mcpherd.worker.sse import EventStream
+
+HANDSHAKE_VERSIONS = ("2025-03-26", "2025-06-18", "2025-11-25")
+_TOKEN = struct.Struct(">16sIBH")  # session nonce, issued (unix s), version index, capability bits
+_CAPABILITY_BITS = ("sampling", "elicitation", "roots", "elicitation.form", "elicitation.url",
+                    "sampling.tools", "sampling.context", "roots.listChanged")
+
+
+def capability_bits(capabilities: dict[str, Any]) -> int:
+    bits = 0
+    for i, path in enumerate(_CAPABILITY_BITS):
+        node: Any = capabilities
+        for part in path.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None:
+            bits |= 1 << i
+    return bits
+
+
+def capabilities_from_bits(bits: int) -> dict[str, Any]:
+    capabilities: dict[str, Any] = {}
+    for i, path in enumerate(_CAPABILITY_BITS):
+        if bits & (1 << i):
+            node = capabilities
+            for part in path.split("."):
+                node = node.setdefault(part, {})
+    return capabilities
+
+
+@dataclass(slots=True)
+class StreamLog:
+    """The events of one SSE stream, kept so that a client can resume it with Last-Event-ID."""
+
+    stream_id: str
+    events: deque[tuple[int, bytes]] = field(default_factory=lambda: deque(maxlen=1024))
+    next_seq: int = 1
+    live: EventStream | None = None  # the connection currently receiving it, if any
+    done: bool = False  # the request it answers has finished: nothing more will be appended
+
+    def append(self, data: bytes) -> str:
+        seq = self.next_seq
+        self.next_seq += 1
+        self.events.append((seq, data))
+        event_id = f"{self.stream_id}.{seq}"
+        if self.live is not None and not self.live.send(data, event_id):
+            self.live = None
+        return event_id
+
+    def replay_after(self, seq: int) -> list[tuple[str, bytes]]:
+        return [(f"{self.stream_id}.{s}", d) for s, d in self.events if s > seq]
+
+
+@dataclass(slots=True)
+class Session:
+    token: str
+    protocol_version: str
+    capabilities: dict[str, Any]
+    credential: bytes
+    log_level: str = "info"  # until logging/setLevel says otherwise
+    client_info: dict[str, Any] = field(default_factory=dict)
+    subscriptions: set[str] = field(default_factory=set)
+    get_stream: StreamLog | None = None
+    streams: OrderedDict[str, StreamLog] = field(default_factory=OrderedDict)
+    pending: dict[str, asyncio.Future[Any]] = field(default_factory=dict)
+    last_seen: float = 0.0
+
+
+class SessionError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class SessionStore:
+    """This worker's view of the cluster's sessions. The cluster layer extends `revoked` and routing."""
+
+    def __init__(self, secret: bytes, worker_tag: str, *, idle_timeout: float = 1800.0,
+                 max_age: float = 86400.0, max_streams: int = 64) -> None:
+        self._signer = Signer(secret, "session")
+        self.worker_tag = worker_tag
+        self.idle_timeout = idle_timeout
+        self.max_age = max_age
+        self.max_streams = max_streams
+        self.sessions: dict[str, Session] = {}
+        self.revoked: dict[bytes, float] = {}  # nonce -> when the token expires anyway
+        self._counter = 0
+
+    def next_id(self, kind: str) -> str:
+        """Ids that name this worker as their owner: streams (s), GET streams (g), requests (r)."""
+        self._counter += 1
+        return f"{self.worker_tag}{kind}{self._counter}"
+
+    def create(self, protocol_version: str, capabilities: dict[str, Any], authorization: str,
+               client_info: dict[str, Any]) -> Session:
+        nonce = os.urandom(16)
+        payload = _TOKEN.pack(nonce, int(time.time()), HANDSHAKE_VERSIONS.index(protocol_version),
+                              capability_bits(capabilities)) + credential_digest(authorization)
+        token = self._signer.seal(payload)
+        session = Session(token, protocol_version, capabilities, credential_digest(authorization),
+                          client_info=client_info, last_seen=time.monotonic())
+        self.sessions[token] = session
+        return session
+
+    def lookup(self, token: str, authorization: str) -> Session:
+        """The session for a request, or SessionError(404) as the spec asks for unknown/ended ones."""
+        session = self.sessions.get(token)
+        if session is None:
+            session = self._rehydrate(token)
+        if session.credential != credential_digest(authorization):
+            # Someone else's session id: answer as if it did not exist, revealing nothing.
+            raise SessionError(404, "Session not found")
+        session.last_seen = time.monotonic()
+        return session
+
+    def _rehydrate(self, token: str) -> Session:
+        payload = self._signer.unseal(token)
+        if payload is None or len(payload) < _TOKEN.size:
+            raise SessionError(404, "Session not found")
+        nonce, issued, version_index, bits = _TOKEN.unpack_from(payload)
+        if nonce in self.revoked or time.time() - issued > self.max_age or version_index >= len(HANDSHAKE_VERSIONS):
+            raise SessionError(404, "Session not found")
+        session = Session(token, HANDSHAKE_VERSIONS[version_index], capabilities_from_bits(bits),
+                          payload[_TOKEN.size:], last_seen=time.monotonic())
+        self.sessions[token] = session
+        return session
+
+    def terminate(self, session: Session) -> None:
+        self.sessions.pop(session.token, None)
+        payload = self._signer.unseal(session.token)
+        if payload is not None:
+            nonce, issued = _TOKEN.unpack_from(payload)[:2]
+            self.revoked[nonce] = issued + self.max_age
+        for future in session.pending.values():
+            if not future.done():
+                future.set_exception(ConnectionResetError("session terminated"))
+        for log in list(session.streams.values()):
+            if log.live is not None:
+                log.live.end()
+
+    def expire(self) -> int:
+        """End sessions idle past the timeout; forget revocations of tokens that expired anyway."""
+        now, wall = time.monotonic(), time.time()
+        idle = [s for s in self.sessions.values()
+                if now - s.last_seen > self.idle_timeout and not s.pending and _no_live_streams(s)]
+        for session in idle:
+            self.terminate(session)
+        for nonce in [n for n, until in self.revoked.items() if until < wall]:
+            del self.revoked[nonce]
+        return len(idle)
+
+    def open_stream(self, session: Session, kind: str = "s") -> StreamLog:
+        log = StreamLog(self.next_id(kind))
+        session.streams[log.stream_id] = log
+        while len(session.streams) > self.max_streams:
+            oldest_id, oldest = next(iter(session.streams.items()))
+            if not oldest.done and oldest.live is not None:
+                break  # never evict a stream still being written to
+            del session.streams[oldest_id]
+        return log
+
+
+def _no_live_streams(session: Session) -> bool:
+    return all(log.live is None for log in session.streams.values())
