@@ -1,24 +1,27 @@
-"""A worker process: one uvloop event loop serving the MCP endpoint on its listening socket(s).
+"""A worker process: one uvloop event loop serving the MCP endpoint on its slot's listening socket(s).
 
-Started by the master (one per CPU) or on its own. Shutdown is graceful on SIGTERM/SIGINT: stop
-accepting, end SSE streams cleanly so clients resume elsewhere, let in-flight requests finish within
-the graceful timeout, then exit. SIGQUIT exits at once.
+Started by the master (one per CPU, see supervisor/) or alone. It reports to the master through its
+shared-memory cell (heartbeat from the loop itself, state, request count) and takes commands on its
+control channel (shared/control.py). Shutdown is graceful: stop accepting, end GET/listen streams
+cleanly so clients reconnect (to another worker), let in-flight requests finish within the graceful
+timeout, then exit. Exit codes are a protocol the master reads: see EXIT_*.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib
 import logging
 import os
 import signal
 import socket
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import uvloop
 
+from mcpherd.shared import control, layout
 from mcpherd.worker.app import App
 from mcpherd.worker.http import HttpConnection
 from mcpherd.worker.invoke import Invoker
@@ -31,29 +34,43 @@ from mcpherd.worker.streamable import Endpoint
 
 log = logging.getLogger("mcpherd.worker")
 
+EXIT_OK = 0
+EXIT_BOOT_ERROR = 3  # the worker itself could not start (sockets, event loop)
+EXIT_APP_LOAD_ERROR = 4  # the application failed to import or to enter its lifespan
+HEARTBEAT_INTERVAL = 0.5
+
 
 @dataclass(slots=True)
 class WorkerConfig:
     app: str = "mcpherd.demo:app"
     slot: int = 0
+    generation: int = 1
     secret: bytes = b""
     path: str = "/mcp"
     tool_threads: int = 32
     graceful_timeout: float = 30.0
     session_idle_timeout: float = 1800.0
-    allowed_hosts: list[str] = field(default_factory=list)  # empty: loopback plus the bind address
-    allowed_origins: list[str] = field(default_factory=list)  # empty: loopback origins
+    allowed_hosts: list[str] = field(default_factory=list)  # added to loopback and the bind address
+    allowed_origins: list[str] = field(default_factory=list)  # added to the loopback origins
     limits: HttpLimits = field(default_factory=HttpLimits)
 
 
+class AppLoadError(Exception):
+    pass
+
+
 def load_app(spec: str) -> App:
-    """`module:attribute` -> the App; a clear error for anything else."""
+    """`module:attribute` -> the App; AppLoadError with one clear sentence otherwise."""
     module_name, _, attribute = spec.partition(":")
     if not module_name or not attribute:
-        raise ValueError(f"--app must look like module:attribute, got {spec!r}")
-    app = getattr(importlib.import_module(module_name), attribute, None)
+        raise AppLoadError(f"--app must look like module:attribute, got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        raise AppLoadError(f"cannot import {module_name}: {type(exc).__name__}: {exc}") from exc
+    app = getattr(module, attribute, None)
     if not isinstance(app, App):
-        raise ValueError(f"{spec} is not an mcpherd App (got {type(app).__name__})")
+        raise AppLoadError(f"{spec} is not an mcpherd App (got {type(app).__name__})")
     return app
 
 
@@ -76,32 +93,54 @@ class Runtime:
 
 
 class Worker:
-    def __init__(self, config: WorkerConfig, app: App, sockets: list[socket.socket]) -> None:
+    def __init__(self, config: WorkerConfig, app: App, sockets: list[socket.socket],
+                 cell: layout.Cell | None) -> None:
         self.config = config
         self.app = app
         self.sockets = sockets
+        self.cell = cell
         self.loop = asyncio.get_running_loop()
         self.connections: set[HttpConnection] = set()
-        self.servers: list[asyncio.base_events.Server] = []
+        self.servers: list[asyncio.AbstractServer] = []
         bind_hosts = [s.getsockname()[0] for s in sockets]
         self.endpoint = Endpoint(
             Methods(app, Invoker(self.loop, config.tool_threads), config.secret),
             SessionStore(config.secret, f"w{config.slot}", idle_timeout=config.session_idle_timeout),
-            AllowList(config.allowed_hosts or default_hosts(bind_hosts)),
-            AllowList(config.allowed_origins or loopback_origins()),
+            AllowList(default_hosts(bind_hosts) + config.allowed_hosts),
+            AllowList(list(loopback_origins()) + config.allowed_origins),
             config.path,
         )
         app.runtime = Runtime(self.endpoint)
         self.stopping = asyncio.Event()
-        self.immediate = False
+        self.mode = control.STOP
+        self.next_beat = 0.0
+
+    def handle(self, request: Any) -> Any:
+        if self.cell is not None:
+            self.cell.add(layout.F_REQUESTS)
+        return self.endpoint.handle(request)
 
     async def start(self) -> None:
         for sock in self.sockets:
             server = await self.loop.create_server(
-                lambda: HttpConnection(self.endpoint.handle, self.config.limits, self.connections),
-                sock=sock, backlog=2048)
+                lambda: HttpConnection(self.handle, self.config.limits, self.connections), sock=sock, backlog=2048)
             self.servers.append(server)
+        self.next_beat = self.loop.time()
+        self._beat()
+        if self.cell is not None:
+            self.cell.set(layout.F_READY_AT, time.monotonic_ns())
+            self.cell.set(layout.F_STATE, layout.READY)
         self.loop.call_later(1.0, self._sweep)
+
+    def _beat(self) -> None:
+        """Heartbeat from the loop itself: if this stops, the loop stopped turning."""
+        now = self.loop.time()
+        if self.cell is not None:
+            self.cell.set(layout.F_HEARTBEAT, time.monotonic_ns())
+            self.cell.set(layout.F_LOOP_LAG_US, int(max(0.0, now - self.next_beat) * 1e6))
+            self.cell.set(layout.F_CONNECTIONS, len(self.connections))
+        self.next_beat = now + HEARTBEAT_INTERVAL
+        self.loop.call_at(self.next_beat, self._beat)
 
     def _sweep(self) -> None:
         """Once a second: expire idle connections and sessions, keep quiet SSE streams alive."""
@@ -113,53 +152,111 @@ class Worker:
             if isinstance(stream, EventStream) and now - stream.last_write >= interval:
                 stream.comment()
         self.endpoint.sessions.expire()
-        if not self.stopping.is_set():
-            self.loop.call_later(1.0, self._sweep)
+        self.loop.call_later(1.0, self._sweep)
 
-    def request_stop(self, immediate: bool) -> None:
-        self.immediate = self.immediate or immediate
-        self.stopping.set()
+    def command(self, verb: bytes) -> None:
+        if verb in (control.STOP, control.RETIRE):
+            self.mode = verb
+            self.stopping.set()
+        elif verb == control.REOPEN_LOGS:
+            reopen_logs()
 
-    async def drain(self) -> None:
-        """Stop accepting, end streams, finish in-flight requests within the graceful timeout."""
+    async def drain(self, immediate: bool) -> None:
+        """Stop accepting (after emptying the accept queue when retiring), end streams, finish work."""
+        if self.cell is not None:
+            self.cell.set(layout.F_STATE, layout.DRAINING)
+        if self.mode == control.RETIRE and not immediate:
+            await self._empty_accept_queues()
         for server in self.servers:
             server.close()
         for session in list(self.endpoint.sessions.sessions.values()):
             get_stream = session.get_stream
             if get_stream is not None and get_stream.live is not None:
-                get_stream.live.end()  # clean end: the client reconnects, to whichever worker remains
+                get_stream.live.end()  # a clean end: the client reconnects, to a worker that stays
         for listener in list(self.endpoint.modern.listeners):
             listener.stream.end()
         for connection in list(self.connections):
             connection.close_when_idle()
-        deadline = self.loop.time() + (0 if self.immediate else self.config.graceful_timeout)
-        while self.connections and self.loop.time() < deadline and not self.immediate:
-            await asyncio.sleep(0.05)
+        deadline = self.loop.time() + (0 if immediate else self.config.graceful_timeout)
+        while self.connections and self.loop.time() < deadline:
+            await asyncio.sleep(0.02)
         for connection in list(self.connections):
             connection.abort()
 
+    async def _empty_accept_queues(self) -> None:
+        """Retiring: new connections are already steered elsewhere; serve what is queued here."""
+        from mcpherd.supervisor.sockets import accept_queue_length
 
-async def serve(config: WorkerConfig, sockets: list[socket.socket], ready: Any = None) -> None:
-    app = load_app(config.app)
-    worker = Worker(config, app, sockets)
+        quiet_checks = 0
+        deadline = self.loop.time() + self.config.graceful_timeout
+        while quiet_checks < 3 and self.loop.time() < deadline:
+            await asyncio.sleep(0.05)
+            queued = sum(accept_queue_length(s) for s in self.sockets)
+            quiet_checks = quiet_checks + 1 if queued == 0 else 0
+
+
+def reopen_logs() -> None:
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.close()  # the next record reopens the file (after rotation moved it away)
+
+
+async def serve(config: WorkerConfig, sockets: list[socket.socket], cell: layout.Cell | None = None,
+                channel: socket.socket | None = None) -> int:
+    try:
+        app = load_app(config.app)
+    except AppLoadError as exc:
+        log.error("%s", exc)
+        return EXIT_APP_LOAD_ERROR
+    worker = Worker(config, app, sockets, cell)
     loop = asyncio.get_running_loop()
-    for signum, immediate in ((signal.SIGTERM, False), (signal.SIGINT, False), (signal.SIGQUIT, True)):
-        loop.add_signal_handler(signum, worker.request_stop, immediate)
-    async with app.run_lifespans():
-        await worker.start()
-        if ready is not None:
-            ready()
-        await worker.stopping.wait()
-        await worker.drain()
-    worker.endpoint.methods.invoker.shutdown()
+    immediate = False
+
+    def quit_now() -> None:
+        nonlocal immediate
+        immediate = True
+        worker.stopping.set()
+
+    loop.add_signal_handler(signal.SIGTERM, worker.command, control.STOP)
+    loop.add_signal_handler(signal.SIGINT, worker.command, control.STOP)
+    loop.add_signal_handler(signal.SIGQUIT, quit_now)
+    loop.add_signal_handler(signal.SIGUSR1, reopen_logs)
+    if channel is not None:
+        channel.setblocking(False)
+        loop.add_reader(channel.fileno(), _read_command, channel, worker)
+    try:
+        async with app.run_lifespans():
+            await worker.start()
+            await worker.stopping.wait()
+            await worker.drain(immediate)
+    except Exception as exc:
+        log.error("the application failed: %s: %s", type(exc).__name__, exc, exc_info=exc)
+        return EXIT_APP_LOAD_ERROR
+    finally:
+        worker.endpoint.methods.invoker.shutdown()
+        if cell is not None:
+            cell.set(layout.F_STATE, layout.STOPPED)
+    return EXIT_OK
 
 
-def listen(host: str, port: int, reuse_port: bool = False) -> socket.socket:
+def _read_command(channel: socket.socket, worker: Worker) -> None:
+    try:
+        verb = channel.recv(control.MAX_DATAGRAM)
+    except BlockingIOError:
+        return
+    except OSError:
+        verb = b""
+    if not verb:  # the master is gone: stop like a graceful stop
+        asyncio.get_running_loop().remove_reader(channel.fileno())
+        worker.command(control.STOP)
+        return
+    worker.command(verb)
+
+
+def listen(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if reuse_port:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     if family == socket.AF_INET6:
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
     sock.bind((host, port))
@@ -168,8 +265,12 @@ def listen(host: str, port: int, reuse_port: bool = False) -> socket.socket:
     return sock
 
 
-def run(config: WorkerConfig, sockets: list[socket.socket]) -> None:
+def run(config: WorkerConfig, sockets: list[socket.socket], cell: layout.Cell | None = None,
+        channel: socket.socket | None = None) -> int:
+    """Run one worker to completion on a fresh uvloop; returns its exit code."""
     if not config.secret:
         config.secret = os.urandom(32)
-    with contextlib.suppress(KeyboardInterrupt):
-        uvloop.run(serve(config, sockets))
+    try:
+        return uvloop.run(serve(config, sockets, cell, channel))
+    except KeyboardInterrupt:
+        return EXIT_OK

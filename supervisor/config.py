@@ -1,0 +1,115 @@
+"""Configuration: a TOML file (`--config`) decoded into msgspec Structs; command-line flags override it.
+
+Every flag has a key of the same name (dashes become underscores). An unknown key or a bad value is
+refused with a message naming the key, at start (exit 2) and on SIGHUP (the running configuration
+stays). Example:
+
+    app = "myproject.server:app"
+    bind = ["127.0.0.1:8000", "[::1]:8000"]
+    workers = "auto"            # or a number
+    timeout = 30                # seconds a worker's loop may stall before it is killed
+    graceful_timeout = 30
+    max_requests = 0            # recycle a worker after this many requests (0: never)
+    max_requests_jitter = 0
+    max_rss_mb = 0              # recycle a worker above this resident size (0: never)
+
+    [restart]                   # OTP restart intensity, per slot
+    max_restarts = 5
+    window_s = 30
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+
+class ConfigError(Exception):
+    """One clear sentence naming the offending key."""
+
+
+def parse_bind(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"bind address must look like HOST:PORT or [IPv6]:PORT, got {value!r}")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    return host or "127.0.0.1", int(port)
+
+
+class Restart(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    max_restarts: int = 5
+    window_s: float = 30.0
+    backoff_max_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.max_restarts < 0 or self.window_s <= 0 or self.backoff_max_s <= 0:
+            raise ValueError("max_restarts must be >= 0, window_s and backoff_max_s > 0")
+
+
+class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    app: str = "mcpherd.demo:app"
+    bind: list[str] = msgspec.field(default_factory=lambda: ["127.0.0.1:8000"])
+    workers: int | Literal["auto"] = "auto"
+    timeout: float = 30.0
+    graceful_timeout: float = 30.0
+    max_requests: int = 0
+    max_requests_jitter: int = 0
+    max_rss_mb: int = 0
+    tool_threads: int = 32
+    allowed_hosts: list[str] = msgspec.field(default_factory=list)
+    allowed_origins: list[str] = msgspec.field(default_factory=list)
+    secret_file: str = ""
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_file: str = ""
+    pid_file: str = ""
+    restart: Restart = msgspec.field(default_factory=Restart)
+
+    def __post_init__(self) -> None:
+        if not self.bind:
+            raise ValueError("at least one bind address is required")
+        for address in self.bind:
+            parse_bind(address)
+        if isinstance(self.workers, int) and not 1 <= self.workers <= 1024:
+            raise ValueError("workers must be between 1 and 1024, or \"auto\"")
+        if self.timeout <= 0 or self.graceful_timeout <= 0:
+            raise ValueError("timeout and graceful_timeout must be positive")
+        if min(self.max_requests, self.max_requests_jitter, self.max_rss_mb) < 0:
+            raise ValueError("max_requests, max_requests_jitter and max_rss_mb must be >= 0")
+        if ":" not in self.app:
+            raise ValueError("app must look like module:attribute")
+
+    @property
+    def binds(self) -> list[tuple[str, int]]:
+        return [parse_bind(address) for address in self.bind]
+
+
+def load(path: str | None, overrides: dict[str, Any]) -> Config:
+    """The file (if any) with `overrides` (explicit command-line flags) on top, validated."""
+    document: dict[str, Any] = {}
+    if path:
+        try:
+            document = tomllib.loads(Path(path).read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read configuration file {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"configuration file {path} is not valid TOML: {exc}") from None
+    document.update({key: value for key, value in overrides.items() if value is not None})
+    try:
+        return msgspec.convert(document, Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"invalid configuration: {_name_key(str(exc))}") from None
+
+
+def _name_key(message: str) -> str:
+    # msgspec says "Expected `int`, got `str` - at `$.restart.max_restarts`": put the key first.
+    text, sep, where = message.rpartition(" - at `$.")
+    if sep:
+        return f"{where.rstrip('`')}: {text}"
+    return message.replace("Object contains unknown field", "unknown key")
+
+
+def effective(config: Config) -> dict[str, Any]:
+    return msgspec.to_builtins(config)  # type: ignore[no-any-return]

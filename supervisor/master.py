@@ -1,0 +1,523 @@
+"""The master: one loop that sleeps in one place and then acts on what happened.
+
+    while running:
+        sleep until a signal, a worker message or the next tick
+        dispatch queued signals by name (handle_hup, handle_term, ...)
+        reap exited children
+        check workers: readiness, stalled loops, recycling limits, kill deadlines
+        reconcile: converge the slots to the desired state (target count, generation)
+
+Signal handlers do nothing but wake the loop: `signal.set_wakeup_fd` writes each signal's number to
+a pipe the loop selects on, and the loop reads them as its queue. No threads; everything that acts
+happens in the loop, in the order above (gunicorn's arbiter and nginx's master cycle, flattened).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import random
+import selectors
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+
+from setproctitle import setproctitle
+
+from mcpherd.shared import control, layout
+from mcpherd.supervisor import policy
+from mcpherd.supervisor.config import Config, ConfigError, load
+from mcpherd.supervisor.slots import Proc, Slot, State
+from mcpherd.supervisor.sockets import INHERIT_ENV, ListenerGroup, inherited_groups, listen_drops
+from mcpherd.supervisor.spawn import MASTER_SIGNALS, WorkerLaunch, fork_worker
+from mcpherd.supervisor.topology import allowed_cpus, cpu_for_slot, placement, read_topology
+from mcpherd.supervisor.upgrade import Upgrade
+from mcpherd.worker.server import EXIT_APP_LOAD_ERROR, WorkerConfig
+
+log = logging.getLogger("mcpherd.master")
+TICK_S = 0.1
+ABORT_GRACE_S = 2.0  # after SIGABRT, time to print the traceback before SIGKILL
+EXIT_GAVE_UP = 3  # every slot tripped its restart intensity: let systemd decide
+
+
+class Master:
+    def __init__(self, config: Config, config_path: str | None, overrides: dict[str, object]) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.overrides = overrides
+        self.pid = os.getpid()
+        self.started_at = time.time()
+        self.generation = int(os.environ.pop("MCPHERD_GENERATION", "1"))
+        self.cpu_order = placement(read_topology(), allowed_cpus())
+        self.max_slots = max(len(self.cpu_order), self._configured_workers())
+        self.target = self._configured_workers()
+        self.slots = [Slot(i, cpu_for_slot(self.cpu_order, i)) for i in range(self.max_slots)]
+        self.groups: list[ListenerGroup] = []
+        self.segment = layout.Segment.create(self.max_slots)
+        self.secret = b""
+        self.selector = selectors.DefaultSelector()
+        self.signals: list[int] = []
+        self.running = True
+        self.exit_code = 0
+        self.stopping_since = 0.0
+        self.reload_failed = ""
+        self.reloads = 0
+        self.rng = random.Random()
+        self.drops = listen_drops()
+        self.upgrade = Upgrade(self)
+        self.on_tick: list[Callable[[], None]] = [self.upgrade.tick, self.watch_listen_drops]
+        self.drops_checked = 0.0
+        self.listen_overflows = 0  # since this master started
+        self.listen_drops = 0
+
+    def _configured_workers(self) -> int:
+        workers = self.config.workers
+        return len(allowed_cpus()) if workers == "auto" else int(workers)
+
+    # -- setup ---------------------------------------------------------------------------------
+    def setup(self) -> None:
+        self.secret = self.upgrade.inherited_secret() or _load_secret(self.config.secret_file)
+        inherited = os.environ.pop(INHERIT_ENV, "")
+        self.groups = inherited_groups(inherited) if inherited else \
+            [ListenerGroup(host, port) for host, port in self.config.binds]
+        for group in self.groups:
+            group.ensure(self.max_slots)
+        read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._wakeup_read = read_fd
+        signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        for signum in MASTER_SIGNALS:
+            signal.signal(signum, _record_only)
+        self.selector.register(read_fd, selectors.EVENT_READ, self._read_signals)
+        for slot in self.slots[: self.target]:
+            slot.wanted = True
+        self._title()
+        log.info("master %d serving %s with %d workers (generation %d)", self.pid,
+                 ", ".join(g.address for g in self.groups), self.target, self.generation)
+
+    # -- the loop ------------------------------------------------------------------------------
+    def run(self) -> int:
+        self.setup()
+        while self.running:
+            self.sleep()
+            self.dispatch_signals()
+            self.reap()
+            self.check_workers()
+            self.reconcile()
+            for hook in self.on_tick:
+                hook()
+        self.teardown()
+        return self.exit_code
+
+    def sleep(self) -> None:
+        for key, _ in self.selector.select(TICK_S):
+            key.data()
+
+    def _read_signals(self) -> None:
+        try:
+            self.signals.extend(os.read(self._wakeup_read, 4096))
+        except BlockingIOError:
+            pass
+
+    def dispatch_signals(self) -> None:
+        queued, self.signals = self.signals, []
+        for signum in queued:
+            name = signal.Signals(signum).name[3:].lower()
+            handler = getattr(self, f"handle_{name}", None)
+            if handler is not None:
+                handler()
+
+    # -- signal handlers (called from the loop, never from signal context) ---------------------
+    def handle_chld(self) -> None:
+        pass  # reap() runs every turn anyway
+
+    def handle_hup(self) -> None:
+        self.reload()
+
+    def handle_term(self) -> None:
+        if self.upgrade.superseded():
+            log.info("the new master took over; draining this master's workers")
+        self.stop(graceful=True)
+
+    handle_int = handle_term
+
+    def handle_quit(self) -> None:
+        self.stop(graceful=False)
+
+    def handle_ttin(self) -> None:
+        self.set_target(self.target + 1, "SIGTTIN")
+
+    def handle_ttou(self) -> None:
+        self.set_target(self.target - 1, "SIGTTOU")
+
+    def handle_usr1(self) -> None:
+        from mcpherd.cli import reopen_log_file
+
+        reopen_log_file()
+        for proc in self.processes():
+            control.send(proc.channel, control.REOPEN_LOGS)
+
+    def handle_usr2(self) -> None:
+        self.upgrade.start()
+
+    # -- verbs ---------------------------------------------------------------------------------
+    def set_target(self, count: int, why: str) -> None:
+        count = max(1, min(count, self.max_slots))
+        if count != self.target:
+            log.info("target workers %d -> %d (%s)", self.target, count, why)
+        self.target = count
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the configuration, then roll a new generation over every slot."""
+        try:
+            config = load(self.config_path, self.overrides)
+        except ConfigError as exc:
+            self.reload_failed = str(exc)
+            log.error("reload refused, keeping the running configuration: %s", exc)
+            return
+        if config.binds != self.config.binds:
+            log.warning("bind addresses cannot change on reload (restart the service); keeping %s",
+                        ", ".join(self.config.bind))
+            config.bind = self.config.bind
+        self.config = config
+        self.generation += 1
+        self.reloads += 1
+        self.reload_failed = ""
+        log.info("reloading: starting generation %d", self.generation)
+        self._title()
+
+    def stop(self, graceful: bool) -> None:
+        if not self.stopping_since:
+            self.stopping_since = time.monotonic()
+            log.info("%s stop requested", "graceful" if graceful else "immediate")
+        self.target = 0
+        for slot in self.slots:
+            slot.wanted = False
+        for proc in self.processes():
+            if graceful:
+                self.stop_proc(proc, "master stopping", control.STOP)
+            else:
+                _kill(proc.pid, signal.SIGQUIT)
+                proc.stop_deadline = min(proc.stop_deadline or 1e18, time.monotonic() + 1.0)
+
+    def stop_proc(self, proc: Proc, reason: str, verb: bytes) -> None:
+        """Ask a worker to finish (over its channel; SIGTERM when the channel is gone)."""
+        if proc.state in (State.DRAINING, State.EXITED):
+            return
+        proc.state = State.DRAINING
+        proc.stop_reason = reason
+        proc.stop_deadline = time.monotonic() + self.config.graceful_timeout + 1.0
+        if not control.send(proc.channel, verb):
+            _kill(proc.pid, signal.SIGTERM)
+
+    def spawn(self, slot: Slot, generation: int) -> Proc:
+        lane = slot.free_lane()
+        master_end, worker_end = control.channel()
+        launch = WorkerLaunch(self.worker_config(slot, generation), slot.index, lane, slot.cpu, generation,
+                              tuple(g.sockets[slot.index] for g in self.groups), worker_end, self.segment,
+                              frozenset(_log_fds()))
+        cell = self.segment.cell(layout.lane_index(slot.index, lane))
+        cell.clear()
+        pid = fork_worker(launch)
+        worker_end.close()
+        proc = Proc(pid, slot.index, lane, generation, slot.cpu, master_end, cell, time.monotonic(),
+                    request_limit=policy.recycle_limit(self.config.max_requests, self.config.max_requests_jitter,
+                                                       self.rng))
+        self.selector.register(master_end, selectors.EVENT_READ, lambda: self._channel_readable(proc))
+        return proc
+
+    def worker_config(self, slot: Slot, generation: int) -> WorkerConfig:
+        c = self.config
+        return WorkerConfig(app=c.app, slot=slot.index, generation=generation, secret=self.secret,
+                            tool_threads=c.tool_threads, graceful_timeout=c.graceful_timeout,
+                            allowed_hosts=list(c.allowed_hosts), allowed_origins=list(c.allowed_origins))
+
+    def _channel_readable(self, proc: Proc) -> None:
+        try:
+            data = proc.channel.recv(control.MAX_DATAGRAM)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.selector.unregister(proc.channel)  # the worker closed its end (it is exiting)
+
+    # -- reaping -------------------------------------------------------------------------------
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:  # ECHILD: nothing to reap
+                return
+            if pid == 0:
+                return
+            if self.upgrade.reaped(pid, status):
+                continue
+            proc = self.find(pid)
+            if proc is not None:
+                self.exited(proc, _describe(status), os.waitstatus_to_exitcode(status))
+
+    def exited(self, proc: Proc, how: str, code: int) -> None:
+        slot = self.slots[proc.slot]
+        proc.state = State.EXITED
+        proc.exit_status = how
+        _unregister(self.selector, proc.channel)
+        proc.channel.close()
+        if proc in slot.retiring:
+            slot.retiring.remove(proc)
+            log.info("worker %d (slot %d, gen %d) exited after %s: %s", proc.pid, slot.index, proc.generation,
+                     proc.stop_reason, how)
+            return
+        if proc is slot.successor:
+            slot.successor = None
+            self._successor_failed(slot, proc, how, code)
+            return
+        if proc is slot.current:
+            slot.current = None
+            if slot.wanted and not self.stopping_since:
+                self._record_death(slot, proc, how, code)
+
+    def _record_death(self, slot: Slot, proc: Proc, how: str, code: int) -> None:
+        now = time.monotonic()
+        reason = "application failed to load" if code == EXIT_APP_LOAD_ERROR else how
+        if proc.stop_reason:
+            reason = proc.stop_reason
+        slot.died_at = now
+        slot.restarts_total += 1
+        slot.last_restart_reason = reason
+        policy.record_restart(slot.restarts, now, self.config.restart.window_s)
+        intensity = policy.Intensity(self.config.restart.max_restarts, self.config.restart.window_s,
+                                     backoff_max_s=self.config.restart.backoff_max_s)
+        decision = policy.restart_decision(slot.restarts, now, intensity, slot.strikes)
+        if decision.tripped:
+            slot.strikes += 1
+            slot.backoff_until = now + decision.delay_s
+            log.error("slot %d (cpu %d): worker %d died (%s); %s", slot.index, slot.cpu, proc.pid, reason,
+                      decision.reason)
+        else:
+            slot.strikes = 0
+            log.warning("slot %d (cpu %d): worker %d died (%s); restarting", slot.index, slot.cpu, proc.pid, reason)
+
+    def _successor_failed(self, slot: Slot, proc: Proc, how: str, code: int) -> None:
+        why = "the application failed to load" if code == EXIT_APP_LOAD_ERROR else f"it exited ({how})"
+        if proc.generation > (slot.current.generation if slot.current else 0):
+            self.reload_failed = f"generation {proc.generation} did not start: {why}"
+            log.error("reload failed, generation %d keeps serving: %s", self.generation - 1, self.reload_failed)
+            self.generation -= 1  # the running generation is the previous one again
+            for other in self.slots:
+                if other.successor is not None and other.successor.generation > self.generation:
+                    self.stop_proc(other.successor, "reload abandoned", control.STOP)
+                    other.retiring.append(other.successor)
+                    other.successor = None
+        else:
+            log.error("slot %d: replacement worker %d exited before serving: %s", slot.index, proc.pid, why)
+
+    # -- checks --------------------------------------------------------------------------------
+    def check_workers(self) -> None:
+        now, now_ns = time.monotonic(), time.monotonic_ns()
+        for slot in self.slots:
+            for proc in slot.processes():
+                self._check_ready(slot, proc, now)
+                self._check_stalled(proc, now, now_ns)
+                if proc.stop_deadline and now > proc.stop_deadline:
+                    _kill(proc.pid, signal.SIGKILL)
+            self._check_recycle(slot)
+
+    def _check_ready(self, slot: Slot, proc: Proc, now: float) -> None:
+        if proc.state is not State.SPAWNING or proc.cell.get(layout.F_STATE) != layout.READY:
+            return
+        proc.state = State.READY
+        proc.ready_at = now
+        if slot.died_at and proc is slot.current:
+            ready_ns = proc.cell.get(layout.F_READY_AT)
+            slot.last_restart_latency_ms = max(0.0, ready_ns / 1e6 - slot.died_at * 1e3)
+            log.info("slot %d: worker %d accepting %.1f ms after its predecessor died", slot.index, proc.pid,
+                     slot.last_restart_latency_ms)
+            slot.died_at = 0.0
+        if proc is slot.successor:  # hand the slot over: the new worker first, so capacity never dips
+            old = slot.current
+            slot.current, slot.successor = proc, None
+            if old is not None:
+                self.stop_proc(old, old.stop_reason or "replaced", control.STOP)
+                slot.retiring.append(old)
+
+    def _check_stalled(self, proc: Proc, now: float, now_ns: int) -> None:
+        """A loop that has not turned for --timeout gets SIGABRT (traceback), then SIGKILL."""
+        if proc.aborted_at:
+            if now - proc.aborted_at > ABORT_GRACE_S:
+                _kill(proc.pid, signal.SIGKILL)
+            return
+        started = proc.state is State.SPAWNING and now - proc.spawned_at > self.config.timeout
+        stalled = proc.state in (State.READY, State.DRAINING) and proc.heartbeat_age(now_ns) > self.config.timeout
+        if started or stalled:
+            what = "did not start" if started else f"event loop stalled for {proc.heartbeat_age(now_ns):.1f}s"
+            log.error("worker %d (slot %d) %s: SIGABRT", proc.pid, proc.slot, what)
+            proc.stop_reason = what
+            proc.aborted_at = now
+            _kill(proc.pid, signal.SIGABRT)
+
+    def _check_recycle(self, slot: Slot) -> None:
+        proc = slot.current
+        if proc is None or proc.state is not State.READY or slot.successor is not None or not slot.wanted:
+            return
+        reason = ""
+        if proc.request_limit and proc.requests >= proc.request_limit:
+            reason = f"recycled after {proc.requests} requests"
+        elif self.config.max_rss_mb and _rss_mb(proc.pid) > self.config.max_rss_mb:
+            reason = f"recycled above {self.config.max_rss_mb} MB resident"
+        if reason:
+            log.info("slot %d: worker %d %s", slot.index, proc.pid, reason)
+            proc.stop_reason = reason
+            slot.successor = self.spawn(slot, proc.generation)
+
+    # -- reconcile -----------------------------------------------------------------------------
+    def reconcile(self) -> None:
+        """Converge the slots to the desired state: `target` workers of `generation`."""
+        now = time.monotonic()
+        if self.stopping_since:
+            self._finish_stop(now)
+            return
+        for slot in self.slots:
+            slot.wanted = slot.index < self.target
+        self._steer()  # first: a slot about to retire stops receiving connections before it is told
+        for slot in self.slots:
+            self._reconcile_slot(slot, now)
+        self._steer()  # again: include slots that just got a worker
+        if all(s.in_backoff(now) for s in self.slots if s.wanted) and any(s.wanted for s in self.slots):
+            log.critical("every worker slot exceeded its restart intensity: giving up (exit %d)", EXIT_GAVE_UP)
+            self.exit_code = EXIT_GAVE_UP
+            self.stop(graceful=False)
+        self._title()
+
+    def _reconcile_slot(self, slot: Slot, now: float) -> None:
+        if not slot.wanted:
+            if slot.current is not None:  # scale-down: already steered away by _steer
+                log.info("slot %d: retiring worker %d", slot.index, slot.current.pid)
+                self.stop_proc(slot.current, "scaled down", control.RETIRE)
+                slot.retiring.append(slot.current)
+                slot.current = None
+            return
+        if slot.current is None:
+            if slot.in_backoff(now) or slot.successor is not None:
+                return
+            slot.backoff_until = 0.0
+            slot.current = self.spawn(slot, self.generation)
+        elif slot.current.generation < self.generation and slot.successor is None \
+                and slot.current.state is State.READY and not self.reload_failed:
+            slot.current.stop_reason = f"replaced by generation {self.generation}"
+            slot.successor = self.spawn(slot, self.generation)
+
+    def _steer(self) -> None:
+        live = [s.index for s in self.slots if s.wanted and (s.accepting() or not s.in_backoff(time.monotonic()))]
+        if not live:
+            return
+        for group in self.groups:
+            group.steer(live)
+
+    def _finish_stop(self, now: float) -> None:
+        if not self.processes():
+            self.running = False
+
+    def teardown(self) -> None:
+        log.info("master %d exiting (%d)", self.pid, self.exit_code)
+        if self.upgrade.handed_over:
+            return  # the new master owns the sockets and paths now
+        for group in self.groups:
+            for sock in group.sockets:
+                sock.close()
+
+    def watch_listen_drops(self) -> None:
+        """Log accept-queue overflows and drops (TcpExt counters, this network namespace) once a second."""
+        now = time.monotonic()
+        if now - self.drops_checked < 1.0:
+            return
+        self.drops_checked = now
+        overflows, drops = listen_drops()
+        new_overflows, new_drops = overflows - self.drops[0], drops - self.drops[1]
+        self.drops = (overflows, drops)
+        if new_overflows > 0 or new_drops > 0:
+            self.listen_overflows += new_overflows
+            self.listen_drops += new_drops
+            log.warning("listen queues overflowed %d times and dropped %d connections in the last second "
+                        "(network-namespace wide; raise net.core.somaxconn or add workers)", new_overflows,
+                        new_drops)
+
+    # -- helpers -------------------------------------------------------------------------------
+    def processes(self) -> list[Proc]:
+        return [p for slot in self.slots for p in slot.processes()]
+
+    def find(self, pid: int) -> Proc | None:
+        return next((p for p in self.processes() if p.pid == pid), None)
+
+    def _title(self) -> None:
+        ready = sum(1 for s in self.slots if s.current is not None and s.current.state is State.READY)
+        setproctitle(f"mcpherd: master [gen {self.generation}] {ready} workers "
+                     + " ".join(g.address for g in self.groups))
+
+
+def _record_only(signum: int, frame: object) -> None:
+    """Signal handlers do nothing: the wakeup fd already queued the signal number for the loop."""
+
+
+def _kill(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:  # ESRCH: already gone, reap() will see it
+        pass
+
+
+def _unregister(selector: selectors.BaseSelector, sock: socket.socket) -> None:
+    try:
+        selector.unregister(sock)
+    except (KeyError, ValueError):
+        pass
+
+
+def _describe(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exit code {os.WEXITSTATUS(status)}"
+
+
+def _rss_mb(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def _log_fds() -> list[int]:
+    fds = []
+    for handler in logging.getLogger().handlers:
+        stream = getattr(handler, "stream", None)
+        if stream is not None and hasattr(stream, "fileno"):
+            try:
+                fds.append(stream.fileno())
+            except (OSError, ValueError):
+                pass
+    return fds
+
+
+def _load_secret(path: str) -> bytes:
+    if not path:
+        return os.urandom(32)
+    try:
+        secret = open(path, "rb").read().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read secret_file {path}: {exc.strerror}") from None
+    if len(secret) < 16:
+        raise ConfigError(f"secret_file {path} must hold at least 16 bytes")
+    return secret
+
+
+def serve(config: Config, config_path: str | None, overrides: dict[str, object]) -> int:
+    try:
+        return Master(config, config_path, overrides).run()
+    except OSError as exc:
+        if exc.errno in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
+            print(f"mcpherd: cannot listen: {exc.strerror}", file=sys.stderr)
+            return 1
+        raise
