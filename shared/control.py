@@ -1,36 +1,137 @@
 """The master <-> worker control channel: one AF_UNIX SOCK_SEQPACKET socketpair per worker process.
 
-Commands travel here first and signals second (nginx's order): a datagram is one command, ASCII,
-`verb` or `verb arg`. Master to worker:
+Commands travel here first and signals second (nginx's order). One datagram is one message, a
+msgpack-encoded msgspec Struct tagged by its class name (`Stop`, `Wake`, ...); a file descriptor
+(connection hand-over) rides along as SCM_RIGHTS ancillary data.
 
-    stop          stop accepting now and finish in-flight work (a successor shares the socket)
-    retire        keep accepting until the slot's accept queue is empty, then stop (scale-down:
-                  the master has already steered new connections away from the socket)
-    reopen-logs   reopen log files (SIGUSR1 on the master)
+Master -> worker
+    Stop          stop accepting now, finish in-flight work (a successor shares the socket)
+    Retire        keep accepting until the slot's accept queue is empty, then stop (scale-down:
+                  new connections are already steered away from the socket)
+    ReopenLogs    reopen log files (SIGUSR1)
+    Wake(seq)     cluster events up to `seq` are in the shared-memory ring: apply them, then ack
+    Snapshot      session tables (log levels, subscriptions, ended sessions) for a new worker
+    Published     your Publish(request_id) was applied by every live worker (or timed out)
+    Deliver       a client's answer to one of your server-to-client requests, received elsewhere
+    Adopt  + fd   a client connection handed to you (it resumes one of your streams)
 
-A worker whose channel closes (the master died) stops as if told `stop`.
+Worker -> master
+    Hello         I am up: my tool names (metric labels); send me a Snapshot
+    Applied(seq)  I applied every event up to `seq` (acknowledged delivery)
+    Publish       publish this event to the cluster; answer Published when all applied it
+    Forward       route this client message to the process named by `owner`
+    Handoff + fd  route this connection (and the request bytes already read) to `owner`
+
+A worker whose channel reaches end-of-file (the master died) stops as if told Stop.
 """
 
 from __future__ import annotations
 
 import socket
+from typing import Any
 
-STOP = b"stop"
-RETIRE = b"retire"
-REOPEN_LOGS = b"reopen-logs"
-MAX_DATAGRAM = 65536
+import msgspec
+
+MAX_DATAGRAM = 1 << 17
+
+
+class Stop(msgspec.Struct, tag=True):
+    pass
+
+
+class Retire(msgspec.Struct, tag=True):
+    pass
+
+
+class ReopenLogs(msgspec.Struct, tag=True):
+    pass
+
+
+class Wake(msgspec.Struct, tag=True):
+    seq: int
+
+
+class Snapshot(msgspec.Struct, tag=True):
+    seq: int
+    log_levels: dict[str, str]
+    subscriptions: dict[str, list[str]]
+    ended: list[bytes]
+
+
+class Published(msgspec.Struct, tag=True):
+    request_id: int
+    seq: int
+    complete: bool  # False: some worker did not acknowledge in time (it is being replaced)
+
+
+class Deliver(msgspec.Struct, tag=True):
+    payload: bytes
+
+
+class Adopt(msgspec.Struct, tag=True):
+    request: bytes
+
+
+class Hello(msgspec.Struct, tag=True):
+    tools: list[str]
+
+
+class Applied(msgspec.Struct, tag=True):
+    seq: int
+
+
+class Publish(msgspec.Struct, tag=True):
+    request_id: int
+    event: bytes  # an encoded mcpherd.shared.events event
+    wait: bool = True
+
+
+class Forward(msgspec.Struct, tag=True):
+    owner: str
+    payload: bytes
+
+
+class Handoff(msgspec.Struct, tag=True):
+    owner: str
+    request: bytes
+
+
+Message = (Stop | Retire | ReopenLogs | Wake | Snapshot | Published | Deliver | Adopt | Hello | Applied
+           | Publish | Forward | Handoff)
+_encoder = msgspec.msgpack.Encoder()
+_decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(Message)
 
 
 def channel() -> tuple[socket.socket, socket.socket]:
-    """(master end, worker end); both non-inheritable until the fork decides."""
+    """(master end, worker end), both close-on-exec; the fork decides who keeps which."""
     master_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     master_end.setblocking(False)
     return master_end, worker_end
 
 
-def send(sock: socket.socket, command: bytes) -> bool:
+def send(sock: socket.socket, message: Any, fd: int | None = None) -> bool:
+    """False when the peer is gone or its queue is full (the caller falls back to a signal)."""
+    data = _encoder.encode(message)
     try:
-        sock.send(command)
+        if fd is None:
+            sock.send(data)
+        else:
+            socket.send_fds(sock, [data], [fd])
         return True
     except (BlockingIOError, BrokenPipeError, ConnectionResetError, OSError):
         return False
+
+
+def receive(sock: socket.socket) -> tuple[Any, int | None] | None:
+    """One message and its fd (if any); None at end-of-file. Raises BlockingIOError when empty."""
+    data, fds, _flags, _addr = socket.recv_fds(sock, MAX_DATAGRAM, 1)
+    if not data:
+        for fd in fds:
+            socket.close(fd)
+        return None
+    try:
+        return _decoder.decode(data), (fds[0] if fds else None)
+    except msgspec.DecodeError:
+        for fd in fds:
+            socket.close(fd)
+        raise ValueError(f"undecodable control message ({len(data)} bytes)") from None

@@ -1,10 +1,14 @@
 """The cluster's shared-memory segment: one fixed cell per worker process lane, written by one worker,
 read by the master.
 
-Format (version 1), little-endian, in a memfd the master creates (so it survives a SIGUSR2 re-exec):
+Format (version 2), little-endian, in a memfd the master creates (so it survives a SIGUSR2 re-exec):
 
     header   64 bytes  magic b"MCPHERD1" | version u32 | lanes u32 | cell_size u32 | (reserved)
     cell[i]  CELL_SIZE bytes each, i = slot * 2 + lane
+             words [0, METRICS_BASE): the process fields F_* below
+             words [METRICS_BASE, WORDS): metrics, laid out by mcpherd.shared.metrics
+    ring     RING_HEADER + RING_ENTRIES * ENTRY_SIZE bytes: the cluster's event ring, written by the
+             master only (see mcpherd.shared.events)
 
 Each worker slot has two lanes so that a replacement (reload, recycling) can start on the slot while
 the worker it replaces still drains: the two never share a cell. A lane is reused only after the
@@ -23,11 +27,16 @@ import os
 import struct
 
 MAGIC = b"MCPHERD1"
-VERSION = 1
+VERSION = 2
 HEADER = struct.Struct("<8sIII")
 HEADER_SIZE = 64
-WORDS = 64  # per cell: room for the metrics of the shared-memory issue without a format change
+WORDS = 1024  # per cell (8 KiB): process fields, then metrics
+METRICS_BASE = 64
 CELL_SIZE = WORDS * 8
+RING_HEADER = 64  # write sequence u64, then reserved
+RING_ENTRIES = 1024
+ENTRY_SIZE = 1024  # seq u64 | published_ns u64 | length u32 | payload
+RING_SIZE = RING_HEADER + RING_ENTRIES * ENTRY_SIZE
 LANES_PER_SLOT = 2
 
 # Field indices (u64 words) in a cell.
@@ -42,6 +51,14 @@ F_INFLIGHT = 7
 F_CONNECTIONS = 8
 F_STREAMS = 9
 F_LOOP_LAG_US = 10  # how late the last heartbeat tick ran, in microseconds
+F_EVENTS_APPLIED = 11  # sequence number of the last cluster event this worker applied
+F_BUSY_NS = 12  # time the loop spent handling requests (busy ratio = delta / wall delta)
+F_BYTES_IN = 13
+F_BYTES_OUT = 14
+F_CACHE_HITS = 15
+F_CACHE_MISSES = 16
+F_CACHE_EVICTIONS = 17
+F_ERRORS = 18  # requests answered with a JSON-RPC error or an HTTP error status
 
 STARTING, READY, DRAINING, STOPPED = 1, 2, 3, 4
 
@@ -52,7 +69,7 @@ class Segment:
     def __init__(self, fd: int, lanes: int, create: bool) -> None:
         self.fd = fd
         self.lanes = lanes
-        size = HEADER_SIZE + lanes * CELL_SIZE
+        size = HEADER_SIZE + lanes * CELL_SIZE + RING_SIZE
         if create:
             os.ftruncate(fd, size)
         self.map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
@@ -62,7 +79,9 @@ class Segment:
             magic, version, found_lanes, cell_size = HEADER.unpack_from(self.map)
             if (magic, version, cell_size) != (MAGIC, VERSION, CELL_SIZE) or found_lanes != lanes:
                 raise ValueError("shared memory segment has another layout version")
-        self.words = memoryview(self.map).cast("B")[HEADER_SIZE:].cast("Q")
+        cells_end = HEADER_SIZE + lanes * CELL_SIZE
+        self.words = memoryview(self.map).cast("B")[HEADER_SIZE:cells_end].cast("Q")
+        self.ring = memoryview(self.map).cast("B")[cells_end:cells_end + RING_SIZE]
 
     @classmethod
     def create(cls, slots: int) -> Segment:
@@ -74,6 +93,7 @@ class Segment:
 
     def close(self) -> None:
         self.words.release()
+        self.ring.release()
         self.map.close()
         os.close(self.fd)
 

@@ -29,6 +29,7 @@ from setproctitle import setproctitle
 
 from mcpherd.shared import control, layout
 from mcpherd.supervisor import policy
+from mcpherd.supervisor.bus import Bus
 from mcpherd.supervisor.config import Config, ConfigError, load
 from mcpherd.supervisor.slots import Proc, Slot, State
 from mcpherd.supervisor.sockets import INHERIT_ENV, ListenerGroup, inherited_groups, listen_drops
@@ -68,7 +69,8 @@ class Master:
         self.rng = random.Random()
         self.drops = listen_drops()
         self.upgrade = Upgrade(self)
-        self.on_tick: list[Callable[[], None]] = [self.upgrade.tick, self.watch_listen_drops]
+        self.bus = Bus(self)
+        self.on_tick: list[Callable[[], None]] = [self.upgrade.tick, self.watch_listen_drops, self.bus.check]
         self.drops_checked = 0.0
         self.listen_overflows = 0  # since this master started
         self.listen_drops = 0
@@ -157,7 +159,7 @@ class Master:
 
         reopen_log_file()
         for proc in self.processes():
-            control.send(proc.channel, control.REOPEN_LOGS)
+            control.send(proc.channel, control.ReopenLogs())
 
     def handle_usr2(self) -> None:
         self.upgrade.start()
@@ -197,12 +199,12 @@ class Master:
             slot.wanted = False
         for proc in self.processes():
             if graceful:
-                self.stop_proc(proc, "master stopping", control.STOP)
+                self.stop_proc(proc, "master stopping", control.Stop())
             else:
                 _kill(proc.pid, signal.SIGQUIT)
                 proc.stop_deadline = min(proc.stop_deadline or 1e18, time.monotonic() + 1.0)
 
-    def stop_proc(self, proc: Proc, reason: str, verb: bytes) -> None:
+    def stop_proc(self, proc: Proc, reason: str, verb: control.Stop | control.Retire) -> None:
         """Ask a worker to finish (over its channel; SIGTERM when the channel is gone)."""
         if proc.state in (State.DRAINING, State.EXITED):
             return
@@ -215,7 +217,7 @@ class Master:
     def spawn(self, slot: Slot, generation: int) -> Proc:
         lane = slot.free_lane()
         master_end, worker_end = control.channel()
-        launch = WorkerLaunch(self.worker_config(slot, generation), slot.index, lane, slot.cpu, generation,
+        launch = WorkerLaunch(self.worker_config(slot, lane, generation), slot.index, lane, slot.cpu, generation,
                               tuple(g.sockets[slot.index] for g in self.groups), worker_end, self.segment,
                               frozenset(_log_fds()))
         cell = self.segment.cell(layout.lane_index(slot.index, lane))
@@ -228,21 +230,25 @@ class Master:
         self.selector.register(master_end, selectors.EVENT_READ, lambda: self._channel_readable(proc))
         return proc
 
-    def worker_config(self, slot: Slot, generation: int) -> WorkerConfig:
+    def worker_config(self, slot: Slot, lane: int, generation: int) -> WorkerConfig:
         c = self.config
-        return WorkerConfig(app=c.app, slot=slot.index, generation=generation, secret=self.secret,
+        return WorkerConfig(app=c.app, slot=slot.index, lane=lane, generation=generation, secret=self.secret,
                             tool_threads=c.tool_threads, graceful_timeout=c.graceful_timeout,
                             allowed_hosts=list(c.allowed_hosts), allowed_origins=list(c.allowed_origins))
 
     def _channel_readable(self, proc: Proc) -> None:
-        try:
-            data = proc.channel.recv(control.MAX_DATAGRAM)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        if not data:
-            self.selector.unregister(proc.channel)  # the worker closed its end (it is exiting)
+        while True:
+            try:
+                received = control.receive(proc.channel)
+            except (BlockingIOError, InterruptedError):
+                return
+            except (ValueError, OSError) as exc:
+                log.error("control channel of worker %d: %s", proc.pid, exc)
+                return
+            if received is None:  # the worker closed its end (it is exiting)
+                _unregister(self.selector, proc.channel)
+                return
+            self.bus.on_message(proc, *received)
 
     # -- reaping -------------------------------------------------------------------------------
     def reap(self) -> None:
@@ -265,6 +271,7 @@ class Master:
         proc.exit_status = how
         _unregister(self.selector, proc.channel)
         proc.channel.close()
+        self.bus.forget(proc)
         if proc in slot.retiring:
             slot.retiring.remove(proc)
             log.info("worker %d (slot %d, gen %d) exited after %s: %s", proc.pid, slot.index, proc.generation,
@@ -308,7 +315,7 @@ class Master:
             self.generation -= 1  # the running generation is the previous one again
             for other in self.slots:
                 if other.successor is not None and other.successor.generation > self.generation:
-                    self.stop_proc(other.successor, "reload abandoned", control.STOP)
+                    self.stop_proc(other.successor, "reload abandoned", control.Stop())
                     other.retiring.append(other.successor)
                     other.successor = None
         else:
@@ -340,7 +347,7 @@ class Master:
             old = slot.current
             slot.current, slot.successor = proc, None
             if old is not None:
-                self.stop_proc(old, old.stop_reason or "replaced", control.STOP)
+                self.stop_proc(old, old.stop_reason or "replaced", control.Stop())
                 slot.retiring.append(old)
 
     def _check_stalled(self, proc: Proc, now: float, now_ns: int) -> None:
@@ -395,7 +402,7 @@ class Master:
         if not slot.wanted:
             if slot.current is not None:  # scale-down: already steered away by _steer
                 log.info("slot %d: retiring worker %d", slot.index, slot.current.pid)
-                self.stop_proc(slot.current, "scaled down", control.RETIRE)
+                self.stop_proc(slot.current, "scaled down", control.Retire())
                 slot.retiring.append(slot.current)
                 slot.current = None
             return

@@ -81,7 +81,7 @@ def _become_worker(launch: WorkerLaunch, master_pid: int) -> int:
     cell.set(layout.F_STATE, layout.STARTING)
     from mcpherd.worker.server import run
 
-    return run(launch.config, list(launch.sockets), cell, launch.channel)
+    return run(launch.config, list(launch.sockets), cell, launch.channel, launch.segment)
 
 
 def _die_with(master_pid: int) -> None:

@@ -42,7 +42,8 @@ class Call:
         self.session = session
         self.meta = meta
         self.answers: dict[str, Any] | None = None  # 2026-07-28 multi-round: answers so far
-        self.round_key: tuple[str, str, bytes] = ("", "", b"")  # what a requestState must be bound to
+        self.round_key: tuple[str, str, bytes] = ("", "", b"")  # method, target, raw arguments (methods._bound)
+        self.cache_key = ""  # set when the result of this call may be cached
         self.cancelled = asyncio.Event()
         self.stream: EventStream | None = None
         self.log: StreamLog | None = None

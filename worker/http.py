@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
+import os
 import zlib
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -29,6 +31,10 @@ from mcpherd.worker.limits import HttpLimits
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
 _GZIP_MIN_BYTES = 1024
 _CHUNK_END = b"0\r\n\r\n"
+# Raw header name -> its lower-case str key. Clients repeat the same few names on every request; the
+# bound keeps a client that sends endless distinct names from growing it (they are then decoded each time).
+_header_keys: dict[bytes, str] = {}
+_HEADER_KEYS_MAX = 512
 
 
 @dataclass(slots=True)
@@ -66,6 +72,9 @@ class Stream(Protocol):
 
 
 ResponseLike = Response | Stream
+
+# Returned by a handler that gave the connection to another process: write nothing, let go of it.
+HANDED_OFF = Response(0)
 Handler = Callable[[Request], "ResponseLike | Awaitable[ResponseLike]"]
 
 
@@ -160,14 +169,19 @@ class HttpConnection(asyncio.Protocol):
         self._count_header_bytes(len(url))
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._count_header_bytes(len(name) + len(value) + 4)
-        if len(self._headers) >= self._limits.max_headers:
-            self._reject(431, b"too many request headers")
+        # The hottest callback (every header of every request): limits inline, one dict lookup.
+        self._header_bytes += len(name) + len(value) + 4
+        headers = self._headers
+        if self._header_bytes > self._limits.max_header_bytes or len(headers) >= self._limits.max_headers:
+            self._header_limit_exceeded()
             return
-        key = name.decode("latin-1").lower()
+        key = _header_keys.get(name)
+        if key is None:
+            key = name.decode("latin-1").lower()
+            if len(_header_keys) < _HEADER_KEYS_MAX:
+                _header_keys[name] = key
         text = value.decode("latin-1")
-        previous = self._headers.get(key)
-        self._headers[key] = text if previous is None else f"{previous}, {text}"
+        headers[key] = f"{headers[key]}, {text}" if key in headers else text
 
     def on_headers_complete(self) -> None:
         length = self._headers.get("content-length")
@@ -202,7 +216,9 @@ class HttpConnection(asyncio.Protocol):
             result = self._handler(request)
         except Exception as exc:  # a handler bug must cost one request, never the connection loop
             result = internal_error(exc)
-        if isinstance(result, Response) or hasattr(result, "attach"):
+        if result is HANDED_OFF:
+            self._let_go()
+        elif isinstance(result, Response) or hasattr(result, "attach"):
             self._complete(entry, request, result)  # type: ignore[arg-type]
         else:
             future = asyncio.ensure_future(result)  # type: ignore[arg-type]
@@ -248,17 +264,16 @@ class HttpConnection(asyncio.Protocol):
     def _write_response(self, response: Response) -> None:
         assert self.transport is not None
         body = response.body
-        lines = [f"HTTP/1.1 {response.status} {_REASONS.get(response.status, 'Unknown')}"]
-        if response.content_type:
-            lines.append(f"content-type: {response.content_type}")
+        head = _head_start(response.status, response.content_type)
         for name, value in response.headers:
-            lines.append(f"{name}: {value}")
+            head += f"{name}: {value}\r\n"
         if response.close or self.draining:
-            lines.append("connection: close")
-        lines.append(f"content-length: {len(body)}\r\n\r\n")
-        head = "\r\n".join(lines).encode("latin-1")
-        self.transport.write(head + body if len(body) < 65536 else head)
-        if len(body) >= 65536:
+            head += "connection: close\r\n"
+        head += f"content-length: {len(body)}\r\n\r\n"
+        if len(body) < 65536:
+            self.transport.write(head.encode("latin-1") + body)
+        else:
+            self.transport.write(head.encode("latin-1"))
             self.transport.write(body)
 
     def write_stream_head(self, status: int, headers: list[tuple[str, str]]) -> None:
@@ -275,6 +290,19 @@ class HttpConnection(asyncio.Protocol):
     def write_last_chunk(self) -> None:
         if self.transport is not None and not self.closed:
             self.transport.write(_CHUNK_END)
+
+    def duplicate_fd(self) -> int | None:
+        """A duplicate of the socket's fd, for handing the connection to another process."""
+        sock = self.transport.get_extra_info("socket") if self.transport is not None else None
+        return os.dup(sock.fileno()) if sock is not None else None
+
+    def _let_go(self) -> None:
+        """Another process owns the connection now: drop our end without a FIN or a reset."""
+        self._rejected = True
+        self._queue.clear()
+        if self.transport is not None:
+            self.transport.pause_reading()
+            self.transport.abort()  # closes only our fd; the socket lives on in its new owner
 
     def loop_time(self) -> float:
         return self._loop.time()
@@ -303,6 +331,14 @@ class HttpConnection(asyncio.Protocol):
         self._header_bytes += n
         if self._header_bytes > self._limits.max_header_bytes and not self._rejected:
             self._reject(431, b"request header block too large")
+
+    def _header_limit_exceeded(self) -> None:
+        if self._rejected:
+            return  # already answered; the parser is only finishing the header block
+        if self._header_bytes > self._limits.max_header_bytes:
+            self._reject(431, b"request header block too large")
+        else:
+            self._reject(431, b"too many request headers")
 
     def _reject(self, status: int, message: bytes) -> None:
         """Answer a request that cannot be parsed or is over a limit, then close the connection."""
@@ -337,6 +373,13 @@ class HttpConnection(asyncio.Protocol):
         self.draining = True
         if self.state is ConnState.IDLE:
             self._close_after_write()
+
+
+@functools.lru_cache(maxsize=64)
+def _head_start(status: int, content_type: str | None) -> str:
+    """The status line and content type: the same few on every response, so built once each."""
+    line = f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n"
+    return f"{line}content-type: {content_type}\r\n" if content_type else line
 
 
 def _task_result(task: asyncio.Future[ResponseLike]) -> ResponseLike:

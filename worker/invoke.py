@@ -22,6 +22,7 @@ from mcpherd.worker.context import Context
 from mcpherd.worker.jsonrpc import INVALID_PARAMS, RpcError
 
 _decoders: dict[type[Any], msgspec.json.Decoder[Any]] = {}
+_NULL = msgspec.Raw(b"null")  # `"arguments": null` means no arguments
 
 
 def decode_arguments(signature: Signature, raw: msgspec.Raw, what: str) -> Any:
@@ -29,7 +30,7 @@ def decode_arguments(signature: Signature, raw: msgspec.Raw, what: str) -> Any:
     if decoder is None:
         decoder = _decoders[signature.args_type] = msgspec.json.Decoder(signature.args_type)
     try:
-        return decoder.decode(b"{}" if raw == b"null" else raw)
+        return decoder.decode(b"{}" if raw == _NULL else raw)  # Raw never equals bytes: compare Raw to Raw
     except msgspec.ValidationError as exc:
         raise RpcError(INVALID_PARAMS, f"Invalid arguments for {what}: {_field_message(exc)}") from None
     except msgspec.DecodeError as exc:
@@ -43,7 +44,8 @@ def _field_message(exc: msgspec.ValidationError) -> str:
 
 def convert_arguments(signature: Signature, values: dict[str, Any], what: str) -> Any:
     try:
-        return msgspec.convert(values, signature.args_type)
+        # URI template variables are always text: lax mode turns "42" into 42 for an `int` parameter.
+        return msgspec.convert(values, signature.args_type, strict=False)
     except msgspec.ValidationError as exc:
         raise RpcError(INVALID_PARAMS, f"Invalid arguments for {what}: {_field_message(exc)}") from None
 

@@ -15,9 +15,11 @@ from typing import Any
 
 import msgspec
 
+from mcpherd.shared import events
 from mcpherd.shared.signing import Signer
 from mcpherd.worker import jsonrpc as rpc
 from mcpherd.worker.app import App, PromptDef, ResourceDef, ToolDef
+from mcpherd.worker.cache import ResultCache, cache_key
 from mcpherd.worker.content import CONTENT_TYPES, PromptMessage, TextContent
 from mcpherd.worker.context import LOG_LEVELS, ClientError, InputRequired, ToolError
 from mcpherd.worker.invoke import Invoker, convert_arguments, decode_arguments
@@ -108,8 +110,10 @@ def params_of(call: Any, struct_type: type[Any]) -> Any:
 
 
 class Methods:
-    def __init__(self, app: App, invoker: Invoker, secret: bytes, page_size: int = 100) -> None:
+    def __init__(self, app: App, invoker: Invoker, secret: bytes, page_size: int = 100,
+                 cache: ResultCache | None = None) -> None:
         self.app = app
+        self.cache = cache
         self.invoker = invoker
         self.page_size = page_size
         self._state_signer = Signer(secret, "request-state")
@@ -157,16 +161,26 @@ class Methods:
         if level not in LOG_LEVELS:
             raise rpc.RpcError(rpc.INVALID_PARAMS, f"Invalid params: unknown log level {level!r}")
         call.session.log_level = level
+        self._share(call, events.SetLogLevel(call.session.token, level))
         return {}
 
     def subscribe(self, call: Any) -> dict[str, Any]:
         uri = params_of(call, ReadParams).uri
         call.session.subscriptions.add(uri)
+        self._share(call, events.Subscribe(call.session.token, uri, True))
         return {}
 
     def unsubscribe(self, call: Any) -> dict[str, Any]:
-        call.session.subscriptions.discard(params_of(call, ReadParams).uri)
+        uri = params_of(call, ReadParams).uri
+        call.session.subscriptions.discard(uri)
+        self._share(call, events.Subscribe(call.session.token, uri, False))
         return {}
+
+    def _share(self, call: Any, event: Any) -> None:
+        """Session state other workers need (they may hold the GET stream or serve the next call)."""
+        cluster = call.endpoint.cluster
+        if cluster is not None and not cluster.standalone:
+            cluster.publish(event, wait=False)
 
     def _page(self, call: Any, items: list[dict[str, Any]], key: str) -> dict[str, Any]:
         cursor = params_of(call, ListParams).cursor
@@ -200,6 +214,12 @@ class Methods:
         args = decode_arguments(tool.signature, params.arguments, f"tool {tool.name!r}")
         if call.modern:
             self._open_round(call, tool.name, params.arguments, params)
+        if tool.cache_ttl and self.cache is not None:
+            key = cache_key(tool.name, params.arguments)
+            cached = self.cache.get(key)
+            if cached is not None:
+                return dict(cached)
+            call.cache_key = key
         context = call.context() if tool.signature.context_param else None
         try:
             outcome = self.invoker.call(tool.fn, tool.signature, args, context)
@@ -207,14 +227,20 @@ class Methods:
             return self._tool_failure(call, tool, exc)
         if hasattr(outcome, "__await__"):
             return self._finish_tool(call, tool, outcome)
-        return tool_result(tool, outcome)
+        return self._cached(call, tool, tool_result(tool, outcome))
 
     async def _finish_tool(self, call: Any, tool: ToolDef, outcome: Any) -> Any:
         try:
             value = await outcome
         except Exception as exc:
             return self._tool_failure(call, tool, exc)
-        return tool_result(tool, value)
+        return self._cached(call, tool, tool_result(tool, value))
+
+    def _cached(self, call: Any, tool: ToolDef, result: dict[str, Any]) -> dict[str, Any]:
+        """Keep successful results of cacheable tools (errors are never cached)."""
+        if call.cache_key and self.cache is not None and not result.get("isError"):
+            self.cache.put(call.cache_key, dict(result), tool.cache_ttl or 0.0, tool.cache_tags)
+        return result
 
     def _tool_failure(self, call: Any, tool: ToolDef, exc: Exception) -> dict[str, Any]:
         if isinstance(exc, rpc.RpcError):
@@ -233,7 +259,8 @@ class Methods:
     # -- 2026-07-28 multi-round requests (tools/call, prompts/get, resources/read) ---------------
     def _open_round(self, call: Any, target: str, raw_args: msgspec.Raw, params: Any) -> None:
         """Collect the answers so far: those signed into requestState plus the new inputResponses."""
-        call.round_key = (call.message.method, target, _digest(raw_args))
+        # The raw arguments, digested only if a requestState is opened or sealed (most calls do neither).
+        call.round_key = (call.message.method, target, bytes(raw_args))
         answers: dict[str, Any] = {}
         if params.requestState is not None:
             answers.update(self._open_state(call, params.requestState).answers)
@@ -246,14 +273,14 @@ class Methods:
             state = msgspec.msgpack.decode(payload, type=InputState) if payload else None
         except msgspec.DecodeError:
             state = None
-        if state is None or (state.method, state.target, state.arguments_digest) != call.round_key \
+        if state is None or (state.method, state.target, state.arguments_digest) != _bound(call.round_key) \
                 or state.expires < time.time():
             raise rpc.RpcError(rpc.INVALID_PARAMS, "Invalid or expired requestState",
                                {"reason": "invalid_request_state"})
         return state
 
     def input_required(self, call: Any, exc: InputRequired) -> dict[str, Any]:
-        method, target, digest = call.round_key
+        method, target, digest = _bound(call.round_key)
         state = InputState(method, target, digest, time.time() + INPUT_STATE_TTL, call.answers or {})
         return {
             "resultType": "input_required",
@@ -401,9 +428,15 @@ async def _then(awaitable: Any, shape: Callable[[Any], Any]) -> Any:
     return shape(await awaitable)
 
 
-def _digest(raw: msgspec.Raw) -> bytes:
+def _digest(raw: msgspec.Raw | bytes) -> bytes:
     canonical = msgspec.json.encode(msgspec.json.decode(raw), order="sorted")
     return hashlib.sha256(canonical).digest()[:16]
+
+
+def _bound(round_key: tuple[str, str, bytes]) -> tuple[str, str, bytes]:
+    """(method, target, raw arguments) -> what a requestState is bound to: the arguments' digest."""
+    method, target, raw_args = round_key
+    return method, target, _digest(raw_args) if raw_args else raw_args
 
 
 def _encode_cursor(offset: int) -> str:

@@ -19,6 +19,7 @@ from mcpherd.worker import jsonrpc as rpc
 from mcpherd.worker.call import Call
 from mcpherd.worker.http import Request, Response, ResponseLike
 from mcpherd.worker.sse import EventStream
+from mcpherd.worker.streamable import accepts, rpc_error  # imported once: a per-request import costs ~0.7 us
 
 if TYPE_CHECKING:
     from mcpherd.worker.streamable import Endpoint
@@ -83,8 +84,6 @@ class ModernEndpoint:
     def handle(self, request: Request, header_version: str) -> ResponseLike | Awaitable[ResponseLike]:
         if request.method != "POST":
             return Response(405, b"", None, [("allow", "POST")])
-        from mcpherd.worker.streamable import accepts, rpc_error
-
         wants_json, wants_sse = accepts(request)
         if not wants_json:
             return rpc_error(406, rpc.INVALID_REQUEST, "Not Acceptable: Client must accept application/json")
@@ -156,8 +155,6 @@ class ModernEndpoint:
                 raise rpc.RpcError(rpc.HEADER_MISMATCH, f"{header} header does not match argument {argument!r}")
 
     def _dispatch(self, request: Request, message: rpc.Message, envelope: Envelope) -> ResponseLike | Awaitable[ResponseLike]:
-        from mcpherd.worker.streamable import rpc_error
-
         method = message.method
         assert isinstance(method, str) and envelope.meta is not None
         call = Call(self.endpoint, request, message, MODERN_VERSIONS[0], None, envelope.meta)
@@ -209,6 +206,8 @@ def decode_header_value(value: str | None) -> str | None:
     """`=?base64?...?=` carries values that cannot travel in a header as-is; None if malformed."""
     if value is None:
         return None
+    if not value.startswith("=?base64?"):
+        return value  # the common case, without the regex
     match = _B64_SENTINEL.fullmatch(value)
     if match is None:
         return value

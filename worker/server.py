@@ -21,8 +21,10 @@ from typing import Any
 
 import uvloop
 
-from mcpherd.shared import control, layout
+from mcpherd.shared import control, events, layout
 from mcpherd.worker.app import App
+from mcpherd.worker.cache import ResultCache
+from mcpherd.worker.cluster import Cluster
 from mcpherd.worker.http import HttpConnection
 from mcpherd.worker.invoke import Invoker
 from mcpherd.worker.limits import HttpLimits
@@ -44,6 +46,7 @@ HEARTBEAT_INTERVAL = 0.5
 class WorkerConfig:
     app: str = "mcpherd.demo:app"
     slot: int = 0
+    lane: int = 0
     generation: int = 1
     secret: bytes = b""
     path: str = "/mcp"
@@ -75,26 +78,27 @@ def load_app(spec: str) -> App:
 
 
 class Runtime:
-    """What `app.invalidate()` and `app.notify_*()` reach inside this worker."""
+    """What `app.invalidate()` and `app.notify_*()` reach inside this worker: cluster events."""
 
-    def __init__(self, endpoint: Endpoint) -> None:
-        self.endpoint = endpoint
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
 
-    def invalidate(self, **selector: Any) -> int:
-        return 0  # the L1 cache arrives with the shared-memory issue
+    def invalidate(self, key: str | None, tag: str | None, prefix: str | None, all: bool) -> Any:
+        return self.cluster.publish(events.Invalidate(key, tag, prefix, all))
 
     async def resource_updated(self, uri: str) -> None:
-        self.endpoint.broadcast("notifications/resources/updated", {"uri": uri}, uri)
+        await self.cluster.publish(events.ResourceUpdated(uri))
 
     async def list_changed(self, kind: str) -> None:
         if kind not in ("tools", "resources", "prompts"):
             raise ValueError(f"kind must be tools, resources or prompts, not {kind!r}")
-        self.endpoint.broadcast(f"notifications/{kind}/list_changed", {})
+        await self.cluster.publish(events.ListChanged(kind))
 
 
 class Worker:
     def __init__(self, config: WorkerConfig, app: App, sockets: list[socket.socket],
-                 cell: layout.Cell | None) -> None:
+                 cell: layout.Cell | None, segment: layout.Segment | None = None,
+                 channel: socket.socket | None = None) -> None:
         self.config = config
         self.app = app
         self.sockets = sockets
@@ -103,16 +107,20 @@ class Worker:
         self.connections: set[HttpConnection] = set()
         self.servers: list[asyncio.AbstractServer] = []
         bind_hosts = [s.getsockname()[0] for s in sockets]
+        self.cache = ResultCache(cell=cell)
+        tag = f"w{config.slot}{'ab'[config.lane]}"
         self.endpoint = Endpoint(
-            Methods(app, Invoker(self.loop, config.tool_threads), config.secret),
-            SessionStore(config.secret, f"w{config.slot}", idle_timeout=config.session_idle_timeout),
+            Methods(app, Invoker(self.loop, config.tool_threads), config.secret, cache=self.cache),
+            SessionStore(config.secret, tag, idle_timeout=config.session_idle_timeout),
             AllowList(default_hosts(bind_hosts) + config.allowed_hosts),
             AllowList(list(loopback_origins()) + config.allowed_origins),
             config.path,
         )
-        app.runtime = Runtime(self.endpoint)
+        self.cluster = Cluster(self, channel, segment, tag)
+        self.endpoint.cluster = self.cluster
+        app.runtime = Runtime(self.cluster)
         self.stopping = asyncio.Event()
-        self.mode = control.STOP
+        self.mode: Any = control.Stop()
         self.next_beat = 0.0
 
     def handle(self, request: Any) -> Any:
@@ -125,6 +133,7 @@ class Worker:
             server = await self.loop.create_server(
                 lambda: HttpConnection(self.handle, self.config.limits, self.connections), sock=sock, backlog=2048)
             self.servers.append(server)
+        self.cluster.start(list(self.app.tools))
         self.next_beat = self.loop.time()
         self._beat()
         if self.cell is not None:
@@ -154,18 +163,30 @@ class Worker:
         self.endpoint.sessions.expire()
         self.loop.call_later(1.0, self._sweep)
 
-    def command(self, verb: bytes) -> None:
-        if verb in (control.STOP, control.RETIRE):
-            self.mode = verb
+    def command(self, message: Any) -> None:
+        if isinstance(message, (control.Stop, control.Retire)):
+            self.mode = message
             self.stopping.set()
-        elif verb == control.REOPEN_LOGS:
+        elif isinstance(message, control.ReopenLogs):
             reopen_logs()
+
+    def adopt(self, fd: int, request: bytes) -> None:
+        """Take over a client connection another worker handed us, with the request it read."""
+        sock = socket.socket(fileno=fd)
+        sock.setblocking(False)
+
+        async def take() -> None:
+            _transport, connection = await self.loop.connect_accepted_socket(
+                lambda: HttpConnection(self.handle, self.config.limits, self.connections), sock)
+            connection.data_received(request)
+
+        self.loop.create_task(take())
 
     async def drain(self, immediate: bool) -> None:
         """Stop accepting (after emptying the accept queue when retiring), end streams, finish work."""
         if self.cell is not None:
             self.cell.set(layout.F_STATE, layout.DRAINING)
-        if self.mode == control.RETIRE and not immediate:
+        if isinstance(self.mode, control.Retire) and not immediate:
             await self._empty_accept_queues()
         for server in self.servers:
             server.close()
@@ -202,13 +223,13 @@ def reopen_logs() -> None:
 
 
 async def serve(config: WorkerConfig, sockets: list[socket.socket], cell: layout.Cell | None = None,
-                channel: socket.socket | None = None) -> int:
+                channel: socket.socket | None = None, segment: layout.Segment | None = None) -> int:
     try:
         app = load_app(config.app)
     except AppLoadError as exc:
         log.error("%s", exc)
         return EXIT_APP_LOAD_ERROR
-    worker = Worker(config, app, sockets, cell)
+    worker = Worker(config, app, sockets, cell, segment, channel)
     loop = asyncio.get_running_loop()
     immediate = False
 
@@ -217,13 +238,10 @@ async def serve(config: WorkerConfig, sockets: list[socket.socket], cell: layout
         immediate = True
         worker.stopping.set()
 
-    loop.add_signal_handler(signal.SIGTERM, worker.command, control.STOP)
-    loop.add_signal_handler(signal.SIGINT, worker.command, control.STOP)
+    loop.add_signal_handler(signal.SIGTERM, worker.command, control.Stop())
+    loop.add_signal_handler(signal.SIGINT, worker.command, control.Stop())
     loop.add_signal_handler(signal.SIGQUIT, quit_now)
     loop.add_signal_handler(signal.SIGUSR1, reopen_logs)
-    if channel is not None:
-        channel.setblocking(False)
-        loop.add_reader(channel.fileno(), _read_command, channel, worker)
     try:
         async with app.run_lifespans():
             await worker.start()
@@ -239,20 +257,6 @@ async def serve(config: WorkerConfig, sockets: list[socket.socket], cell: layout
     return EXIT_OK
 
 
-def _read_command(channel: socket.socket, worker: Worker) -> None:
-    try:
-        verb = channel.recv(control.MAX_DATAGRAM)
-    except BlockingIOError:
-        return
-    except OSError:
-        verb = b""
-    if not verb:  # the master is gone: stop like a graceful stop
-        asyncio.get_running_loop().remove_reader(channel.fileno())
-        worker.command(control.STOP)
-        return
-    worker.command(verb)
-
-
 def listen(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -266,11 +270,11 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def run(config: WorkerConfig, sockets: list[socket.socket], cell: layout.Cell | None = None,
-        channel: socket.socket | None = None) -> int:
+        channel: socket.socket | None = None, segment: layout.Segment | None = None) -> int:
     """Run one worker to completion on a fresh uvloop; returns its exit code."""
     if not config.secret:
         config.secret = os.urandom(32)
     try:
-        return uvloop.run(serve(config, sockets, cell, channel))
+        return uvloop.run(serve(config, sockets, cell, channel, segment))
     except KeyboardInterrupt:
         return EXIT_OK

@@ -109,12 +109,62 @@ class SessionStore:
         self.max_streams = max_streams
         self.sessions: dict[str, Session] = {}
         self.revoked: dict[bytes, float] = {}  # nonce -> when the token expires anyway
+        self.log_levels: dict[str, str] = {}  # token -> level, cluster-wide
+        self.subscriptions: dict[str, set[str]] = {}  # token -> resource URIs, cluster-wide
         self._counter = 0
+        self._next_table_prune = 0.0
 
     def next_id(self, kind: str) -> str:
-        """Ids that name this worker as their owner: streams (s), GET streams (g), requests (r)."""
+        """Ids that name this worker as their owner: streams (s), GET streams (g), requests (r).
+
+        `<tag>-<kind><n>`, e.g. `w3a-s17`: the cluster routes anything addressed to an id that is
+        not ours (a client's answer, a resumption) to the process named by the tag.
+        """
         self._counter += 1
-        return f"{self.worker_tag}{kind}{self._counter}"
+        return f"{self.worker_tag}-{kind}{self._counter}"
+
+    # -- cluster-wide tables (kept in step by cluster events; see worker/cluster.py) ------------
+    def load_tables(self, log_levels: dict[str, str], subscriptions: dict[str, list[str]],
+                    ended: list[bytes]) -> None:
+        self.log_levels = dict(log_levels)
+        self.subscriptions = {token: set(uris) for token, uris in subscriptions.items()}
+        for nonce in ended:
+            self.revoked.setdefault(nonce, time.time() + self.max_age)
+        for session in self.sessions.values():
+            session.log_level = self.log_levels.get(session.token, session.log_level)
+            session.subscriptions = self.subscriptions.get(session.token, set())
+
+    def set_log_level(self, token: str, level: str) -> None:
+        self.log_levels[token] = level
+        session = self.sessions.get(token)
+        if session is not None:
+            session.log_level = level
+
+    def set_subscription(self, token: str, uri: str, on: bool) -> None:
+        uris = self.subscriptions.setdefault(token, set())
+        if on:
+            uris.add(uri)
+        else:
+            uris.discard(uri)
+        session = self.sessions.get(token)
+        if session is not None:
+            session.subscriptions = uris
+
+    def ended(self, token: str, nonce: bytes, expires: float) -> None:
+        """Another worker (or this one) ended the session: refuse its token from now on."""
+        self.revoked[nonce] = expires
+        self.log_levels.pop(token, None)
+        self.subscriptions.pop(token, None)
+        session = self.sessions.get(token)
+        if session is not None:
+            self.terminate(session)
+
+    def nonce_and_expiry(self, token: str) -> tuple[bytes, float] | None:
+        payload = self._signer.unseal(token)
+        if payload is None or len(payload) < _TOKEN.size:
+            return None
+        nonce, issued = _TOKEN.unpack_from(payload)[:2]
+        return nonce, issued + self.max_age
 
     def create(self, protocol_version: str, capabilities: dict[str, Any], authorization: str,
                client_info: dict[str, Any]) -> Session:
@@ -124,6 +174,7 @@ class SessionStore:
         token = self._signer.seal(payload)
         session = Session(token, protocol_version, capabilities, credential_digest(authorization),
                           client_info=client_info, last_seen=time.monotonic())
+        session.subscriptions = self.subscriptions.setdefault(token, set())
         self.sessions[token] = session
         return session
 
@@ -147,15 +198,16 @@ class SessionStore:
             raise SessionError(404, "Session not found")
         session = Session(token, HANDSHAKE_VERSIONS[version_index], capabilities_from_bits(bits),
                           payload[_TOKEN.size:], last_seen=time.monotonic())
+        session.log_level = self.log_levels.get(token, session.log_level)
+        session.subscriptions = self.subscriptions.setdefault(token, set())
         self.sessions[token] = session
         return session
 
     def terminate(self, session: Session) -> None:
         self.sessions.pop(session.token, None)
-        payload = self._signer.unseal(session.token)
-        if payload is not None:
-            nonce, issued = _TOKEN.unpack_from(payload)[:2]
-            self.revoked[nonce] = issued + self.max_age
+        ending = self.nonce_and_expiry(session.token)
+        if ending is not None:
+            self.revoked[ending[0]] = ending[1]
         for future in session.pending.values():
             if not future.done():
                 future.set_exception(ConnectionResetError("session terminated"))
@@ -164,24 +216,36 @@ class SessionStore:
                 log.live.end()
 
     def expire(self) -> int:
-        """End sessions idle past the timeout; forget revocations of tokens that expired anyway."""
+        """Free the local state of sessions idle here; forget what concerns tokens expired anyway.
+
+        Idle here is not idle everywhere (the client may be talking to other workers), so this only
+        forgets: the token stays valid until DELETE or `max_age`, and a later request here
+        rebuilds the session from the token and the cluster tables.
+        """
         now, wall = time.monotonic(), time.time()
         idle = [s for s in self.sessions.values()
                 if now - s.last_seen > self.idle_timeout and not s.pending and _no_live_streams(s)]
         for session in idle:
-            self.terminate(session)
+            del self.sessions[session.token]
         for nonce in [n for n, until in self.revoked.items() if until < wall]:
             del self.revoked[nonce]
+        if now >= self._next_table_prune:
+            self._next_table_prune = now + 60.0
+            for table in (self.log_levels, self.subscriptions):
+                for token in [t for t in table if (self.nonce_and_expiry(t) or (b"", 0.0))[1] < wall]:
+                    del table[token]
         return len(idle)
 
     def open_stream(self, session: Session, kind: str = "s") -> StreamLog:
         log = StreamLog(self.next_id(kind))
         session.streams[log.stream_id] = log
-        while len(session.streams) > self.max_streams:
-            oldest_id, oldest = next(iter(session.streams.items()))
-            if not oldest.done and oldest.live is not None:
-                break  # never evict a stream still being written to
-            del session.streams[oldest_id]
+        excess = len(session.streams) - self.max_streams
+        if excess > 0:
+            # Oldest first, but never a stream still being written to; skipping (not stopping at) one
+            # matters, since a session's GET stream is usually its oldest and lives as long as it does.
+            evictable = [i for i, s in session.streams.items() if s.done or s.live is None]
+            for stream_id in evictable[:excess]:
+                del session.streams[stream_id]
         return log
 
 

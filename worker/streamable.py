@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Awaitable
 from typing import Any
 
@@ -19,7 +20,7 @@ import msgspec
 
 from mcpherd.worker import jsonrpc as rpc
 from mcpherd.worker.call import Call
-from mcpherd.worker.http import Request, Response, ResponseLike
+from mcpherd.worker.http import HANDED_OFF, Request, Response, ResponseLike
 from mcpherd.worker.invoke import start_eagerly
 from mcpherd.worker.methods import Methods
 from mcpherd.worker.security import AllowList
@@ -42,10 +43,23 @@ def rpc_error(status: int, code: int, message: str, request_id: Any = None, data
 
 def accepts(request: Request) -> tuple[bool, bool]:
     """(json, sse) acceptable, with wildcards (RFC 9110 12.5.1)."""
-    kinds = {part.split(";", 1)[0].strip().lower() for part in request.header("accept").split(",")}
+    accept = request.header("accept")
+    known = _accept_cache.get(accept)
+    if known is not None:
+        return known
+    kinds = {part.split(";", 1)[0].strip().lower() for part in accept.split(",")}
     wildcard = "*/*" in kinds
-    return (wildcard or "application/json" in kinds or "application/*" in kinds,
-            wildcard or "text/event-stream" in kinds or "text/*" in kinds)
+    answer = (wildcard or "application/json" in kinds or "application/*" in kinds,
+              wildcard or "text/event-stream" in kinds or "text/*" in kinds)
+    if len(_accept_cache) < _ACCEPT_CACHE_MAX:
+        _accept_cache[accept] = answer
+    return answer
+
+
+# Accept header value -> accepts() answer. A client sends the same value on every request; the bound
+# keeps a client that varies it from growing the cache (its values are then parsed each time).
+_accept_cache: dict[str, tuple[bool, bool]] = {}
+_ACCEPT_CACHE_MAX = 256
 
 
 class Endpoint:
@@ -61,6 +75,7 @@ class Endpoint:
         self.path = path
         self.inflight: dict[tuple[str, Any], Call] = {}  # (session token, request id) -> call
         self.modern = ModernEndpoint(self)
+        self.cluster: Any = None  # worker/cluster.py Cluster, set by the worker
         self.server_meta = {"io.modelcontextprotocol/serverInfo": methods.server_info()}
 
     # -- entry ---------------------------------------------------------------------------------
@@ -216,9 +231,13 @@ class Endpoint:
     def _accept_one_way(self, session: Session, message: rpc.Message) -> None:
         """Client notifications and responses: nothing to answer, some state to update."""
         if message.is_response:
-            waiter = session.pending.get(str(message.id))
+            request_id = str(message.id)
+            waiter = session.pending.get(request_id)
             if waiter is not None and not waiter.done():
                 waiter.set_result(message)
+            elif waiter is None and self.cluster is not None and not self.cluster.owns(request_id):
+                owner = request_id.split("-", 1)[0]
+                self.cluster.forward(owner, msgspec.msgpack.encode([session.token, msgspec.json.encode(message)]))
             return
         if message.method == "notifications/cancelled" and message.params is not msgspec.UNSET:
             params = msgspec.json.decode(message.params)
@@ -227,6 +246,15 @@ class Endpoint:
                 call.cancelled.set()
                 if call.task is not None:
                     call.task.cancel()
+
+    def deliver_forwarded(self, payload: bytes) -> None:
+        """A client's answer to one of our requests, POSTed to another worker and forwarded here."""
+        token, body = msgspec.msgpack.decode(payload)
+        session = self.sessions.sessions.get(token)
+        message = msgspec.json.decode(body, type=rpc.Message)
+        waiter = session.pending.get(str(message.id)) if session is not None else None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(message)
 
     # -- response headers and stream priming ---------------------------------------------------
     def response_headers(self, call: Call) -> list[tuple[str, str]]:
@@ -250,21 +278,34 @@ class Endpoint:
         session = session_or_error
         last_event_id = request.headers.get("last-event-id")
         if last_event_id:
-            return self._resume(session, last_event_id)
+            return self._resume(request, session, last_event_id)
         if session.get_stream is not None and session.get_stream.live is not None:
             return rpc_error(409, rpc.INVALID_REQUEST, "Conflict: only one GET stream per session is allowed")
         if session.get_stream is None:
             session.get_stream = self.sessions.open_stream(session, "g")
         return self._attach(session, session.get_stream, [])
 
-    def _resume(self, session: Session, last_event_id: str) -> ResponseLike:
+    def _resume(self, request: Request, session: Session, last_event_id: str) -> ResponseLike:
         stream_id, _, seq = last_event_id.rpartition(".")
         log_ = session.streams.get(stream_id)
+        if log_ is None and self.cluster is not None and stream_id and not self.cluster.owns(stream_id):
+            return self._hand_off(request, stream_id.split("-", 1)[0])
         if log_ is None or not seq.isdigit():
             return rpc_error(404, rpc.INVALID_REQUEST, "Not Found: unknown Last-Event-ID for this session")
         if log_.live is not None:
             log_.live.end()  # the client reconnected: the old connection is a ghost
         return self._attach(session, log_, log_.replay_after(int(seq)))
+
+    def _hand_off(self, request: Request, owner: str) -> ResponseLike:
+        """The stream lives on another worker: give it this very connection (SCM_RIGHTS)."""
+        connection = request.connection
+        fd = connection.duplicate_fd()
+        if fd is None or not self.cluster.handoff(owner, request_bytes(request), fd):
+            if fd is not None:
+                os.close(fd)
+            return rpc_error(404, rpc.INVALID_REQUEST, "Not Found: the worker holding this stream is gone")
+        os.close(fd)
+        return HANDED_OFF
 
     def _attach(self, session: Session, log_: StreamLog, replay: list[tuple[str, bytes]]) -> ResponseLike:
         stream = EventStream(self._session_headers(session))
@@ -278,8 +319,8 @@ class Endpoint:
             stream.on_detach.append(lambda s: _unlink(log_, s))
         return stream
 
-    # -- DELETE --------------------------------------------------------------------------------
-    def _delete(self, request: Request, version: str | None) -> ResponseLike:
+    # -- DELETE (ends the session on every worker before answering) --------------------------------------------------------------------------------
+    def _delete(self, request: Request, version: str | None) -> ResponseLike | Awaitable[ResponseLike]:
         session_or_error = self._session_for(request, version)
         if isinstance(session_or_error, Response):
             return session_or_error
@@ -287,8 +328,18 @@ class Endpoint:
             task = self.inflight[key].task
             if task is not None:
                 task.cancel()
-        self.sessions.terminate(session_or_error)
-        return Response(200)
+        session = session_or_error
+        ending = self.sessions.nonce_and_expiry(session.token)
+        self.sessions.terminate(session)
+        if self.cluster is None or ending is None:
+            return Response(200)
+        from mcpherd.shared.events import SessionEnded
+
+        return self._after(self.cluster.publish(SessionEnded(session.token, *ending)), Response(200))
+
+    async def _after(self, done: Awaitable[Any], response: Response) -> Response:
+        await done
+        return response
 
     # -- server-initiated notifications --------------------------------------------------------
     def broadcast(self, method: str, params: dict[str, Any], uri: str | None = None) -> int:
@@ -302,6 +353,13 @@ class Endpoint:
                 session.get_stream.append(data)
                 sent += 1
         return sent + self.modern.broadcast(method, params, uri)
+
+
+def request_bytes(request: Request) -> bytes:
+    """The request as it arrived (near enough: header names are lower-case), for a hand-off."""
+    target = f"{request.path}?{request.query}" if request.query else request.path
+    lines = [f"{request.method} {target} HTTP/1.1"] + [f"{k}: {v}" for k, v in request.headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + request.body
 
 
 def _unlink(log_: StreamLog, stream: EventStream) -> None:

@@ -1,0 +1,143 @@
+"""The master's side of cluster coordination: the event ring, acknowledgements, message routing.
+
+A worker asks the master to publish an event (Publish); the master appends it to the shared-memory
+ring, wakes every worker (Wake), and answers the publisher (Published) once every worker that could
+hold state has acknowledged it (Applied), so "the call that invalidated has returned" means "no
+worker serves the stale entry any more". A worker that has not said Hello yet started after the
+event with a cold cache, and one that exits stops counting; one that never answers (stalled: the
+heartbeat check will kill it) is given up on after ACK_TIMEOUT_S, and the publisher is told.
+
+The master also keeps the session tables (log levels, subscriptions, ended sessions) by reading the
+events it publishes, so a new worker gets a Snapshot and serves existing sessions correctly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from mcpherd.shared import control, events, layout
+from mcpherd.supervisor.slots import Proc, State
+
+if TYPE_CHECKING:
+    from mcpherd.supervisor.master import Master
+
+log = logging.getLogger("mcpherd.master")
+ACK_TIMEOUT_S = 5.0
+MAX_TABLE_ENTRIES = 100_000
+
+
+@dataclass
+class Waiter:
+    seq: int
+    origin: Proc
+    request_id: int
+    deadline: float
+
+
+class Bus:
+    def __init__(self, master: Master) -> None:
+        self.master = master
+        self.ring = events.Ring(master.segment.ring)
+        self.waiters: list[Waiter] = []
+        self.hello: set[int] = set()  # pids that said Hello (their acknowledgements count)
+        self.tool_names: dict[int, list[str]] = {}  # pid -> tool names (metric labels)
+        self.log_levels: OrderedDict[str, str] = OrderedDict()
+        self.subscriptions: OrderedDict[str, set[str]] = OrderedDict()
+        self.ended: dict[bytes, float] = {}
+        self.published = 0
+
+    # -- messages from workers -----------------------------------------------------------------
+    def on_message(self, proc: Proc, message: Any, fd: int | None) -> None:
+        if isinstance(message, control.Applied):
+            self.check()
+        elif isinstance(message, control.Publish):
+            self.publish(proc, message)
+        elif isinstance(message, control.Hello):
+            self.hello.add(proc.pid)
+            self.tool_names[proc.pid] = message.tools
+            control.send(proc.channel, self._snapshot())
+        elif isinstance(message, control.Forward):
+            target = self._owner(message.owner)
+            if target is not None:
+                control.send(target.channel, control.Deliver(message.payload))
+        elif isinstance(message, control.Handoff) and fd is not None:
+            target = self._owner(message.owner)
+            if target is not None:
+                control.send(target.channel, control.Adopt(message.request), fd)
+            os.close(fd)  # the target has its own copy now (or nobody wanted it)
+
+    def publish(self, origin: Proc, message: control.Publish) -> None:
+        seq = self.ring.publish(message.event)
+        self.published += 1
+        self._track(events.decode(message.event))
+        for proc in self.master.processes():
+            if proc.state is not State.EXITED:
+                control.send(proc.channel, control.Wake(seq))
+        if message.wait:
+            self.waiters.append(Waiter(seq, origin, message.request_id, time.monotonic() + ACK_TIMEOUT_S))
+            self.check()
+
+    def check(self) -> None:
+        """Answer every publisher whose event all live, greeted workers have applied."""
+        if not self.waiters:
+            return
+        now = time.monotonic()
+        counted = [p for p in self.master.processes() if p.state is not State.EXITED and p.pid in self.hello]
+        remaining = []
+        for waiter in self.waiters:
+            missing = [p.pid for p in counted if p.cell.get(layout.F_EVENTS_APPLIED) < waiter.seq]
+            if missing and now < waiter.deadline:
+                remaining.append(waiter)
+                continue
+            if missing:
+                log.error("event %d not acknowledged by workers %s within %gs", waiter.seq, missing, ACK_TIMEOUT_S)
+            if waiter.origin.state is not State.EXITED:
+                control.send(waiter.origin.channel, control.Published(waiter.request_id, waiter.seq, not missing))
+        self.waiters = remaining
+
+    def forget(self, proc: Proc) -> None:
+        """A worker exited: it no longer holds state, so it no longer needs to acknowledge."""
+        self.hello.discard(proc.pid)
+        self.tool_names.pop(proc.pid, None)
+        self.check()
+
+    # -- session tables ------------------------------------------------------------------------
+    def _track(self, event: Any) -> None:
+        if isinstance(event, events.SetLogLevel):
+            self.log_levels[event.session] = event.level
+            _bound(self.log_levels)
+        elif isinstance(event, events.Subscribe):
+            uris = self.subscriptions.setdefault(event.session, set())
+            (uris.add if event.on else uris.discard)(event.uri)
+            _bound(self.subscriptions)
+        elif isinstance(event, events.SessionEnded):
+            self.ended[event.nonce] = event.expires
+            self.log_levels.pop(event.session, None)
+            self.subscriptions.pop(event.session, None)
+            wall = time.time()
+            for nonce in [n for n, until in self.ended.items() if until < wall]:
+                del self.ended[nonce]
+
+    def _snapshot(self) -> control.Snapshot:
+        return control.Snapshot(self.ring.write_seq, dict(self.log_levels),
+                                {token: sorted(uris) for token, uris in self.subscriptions.items()},
+                                list(self.ended))
+
+    def _owner(self, tag: str) -> Proc | None:
+        """`w<slot><lane>` -> the live process in that lane."""
+        if len(tag) < 3 or not tag[1:-1].isdigit() or tag[-1] not in "ab":
+            return None
+        slot, lane = int(tag[1:-1]), "ab".index(tag[-1])
+        if slot >= len(self.master.slots):
+            return None
+        return next((p for p in self.master.slots[slot].processes() if p.lane == lane), None)
+
+
+def _bound(table: OrderedDict[str, Any]) -> None:
+    while len(table) > MAX_TABLE_ENTRIES:
+        table.popitem(last=False)
