@@ -21,8 +21,9 @@ an observation costs one store less and a reader can never see a count that disa
 Process counters folded with the metrics (COUNTER_FIELDS) and gauges (`Gauges`) live in the `F_*`
 words below METRICS_BASE (see shared/layout.py); the Recorder writes those it owns.
 
-Which tool name a slot stands for is not in shared memory: the worker sends the list to the master
-once at start over its control channel, as `tool_names_message()` (`tools <JSON array of strings>`).
+Which tool name a slot stands for is not in shared memory: the worker sends its tool names to the
+master once at start, in its `Hello` control message (shared/control.py), and both sides map names to
+slots with `tool_slots`.
 
 Concurrency: every word has one writer, the event-loop thread of the worker owning the lane. `+=` on a
 word is a read-modify-write, so a tool thread must never call the Recorder (it would lose increments);
@@ -41,8 +42,6 @@ from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import NamedTuple
 
-import msgspec
-
 from mcpherd.shared import layout
 
 METRICS_VERSION = 1
@@ -59,8 +58,6 @@ OTHER_METHOD = METHODS.index("other")
 NOTIFICATIONS = METHODS.index("notifications")
 TOOL_SLOTS = 32
 OTHER_TOOL = "other"  # the label of slot TOOL_SLOTS - 1 and of tools the master has no name for
-MAX_TOOL_NAME = 128  # label length; MCP tool names are at most 128 characters anyway
-TOOLS_VERB = b"tools"
 
 # Finite upper bounds in seconds (Prometheus `le`); +Inf is the implicit last bucket.
 REQUEST_BOUNDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -114,24 +111,6 @@ def method_index(method: str) -> int:
 def tool_slots(names: Sequence[str]) -> list[str]:
     """The names that get their own histogram slot, in slot order: the first 31 distinct ones."""
     return list(dict.fromkeys(names))[: TOOL_SLOTS - 1]
-
-
-def tool_names_message(names: Sequence[str]) -> bytes:
-    """The control datagram a worker sends at start: `tools ["name", ...]` (slot order)."""
-    labels = [name[:MAX_TOOL_NAME] for name in tool_slots(names)]
-    return TOOLS_VERB + b" " + msgspec.json.encode(labels)
-
-
-def parse_tool_names(datagram: bytes) -> list[str] | None:
-    """The names in a `tools` datagram; None if it is another command or malformed."""
-    verb, _, payload = datagram.partition(b" ")
-    if verb != TOOLS_VERB:
-        return None
-    try:
-        names = msgspec.json.decode(payload, type=list[str])
-    except msgspec.DecodeError:
-        return None
-    return [name[:MAX_TOOL_NAME] for name in names[: TOOL_SLOTS - 1]]
 
 
 class Recorder:

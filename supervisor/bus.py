@@ -17,6 +17,7 @@ import logging
 import os
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -34,9 +35,8 @@ MAX_TABLE_ENTRIES = 100_000
 @dataclass
 class Waiter:
     seq: int
-    origin: Proc
-    request_id: int
     deadline: float
+    answer: Callable[[int, bool], None]  # (seq, every worker acknowledged)
 
 
 class Bus:
@@ -60,6 +60,8 @@ class Bus:
         elif isinstance(message, control.Hello):
             self.hello.add(proc.pid)
             self.tool_names[proc.pid] = message.tools
+            if self.master.metrics is not None:
+                self.master.metrics.set_tool_names(layout.lane_index(proc.slot, proc.lane), message.tools)
             control.send(proc.channel, self._snapshot())
         elif isinstance(message, control.Forward):
             target = self._owner(message.owner)
@@ -72,14 +74,25 @@ class Bus:
             os.close(fd)  # the target has its own copy now (or nobody wanted it)
 
     def publish(self, origin: Proc, message: control.Publish) -> None:
-        seq = self.ring.publish(message.event)
+        def answer(seq: int, complete: bool) -> None:
+            if origin.state is not State.EXITED:
+                control.send(origin.channel, control.Published(message.request_id, seq, complete))
+
+        self._publish(message.event, answer if message.wait else None)
+
+    def publish_from_master(self, event: Any, answer: Callable[[int, bool], None]) -> None:
+        """An event the master itself raises (admin `invalidate`)."""
+        self._publish(events.encode(event), answer)
+
+    def _publish(self, payload: bytes, answer: Callable[[int, bool], None] | None) -> None:
+        seq = self.ring.publish(payload)
         self.published += 1
-        self._track(events.decode(message.event))
+        self._track(events.decode(payload))
         for proc in self.master.processes():
             if proc.state is not State.EXITED:
                 control.send(proc.channel, control.Wake(seq))
-        if message.wait:
-            self.waiters.append(Waiter(seq, origin, message.request_id, time.monotonic() + ACK_TIMEOUT_S))
+        if answer is not None:
+            self.waiters.append(Waiter(seq, time.monotonic() + ACK_TIMEOUT_S, answer))
             self.check()
 
     def check(self) -> None:
@@ -96,8 +109,7 @@ class Bus:
                 continue
             if missing:
                 log.error("event %d not acknowledged by workers %s within %gs", waiter.seq, missing, ACK_TIMEOUT_S)
-            if waiter.origin.state is not State.EXITED:
-                control.send(waiter.origin.channel, control.Published(waiter.request_id, waiter.seq, not missing))
+            waiter.answer(waiter.seq, not missing)
         self.waiters = remaining
 
     def forget(self, proc: Proc) -> None:

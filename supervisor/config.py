@@ -13,9 +13,22 @@ stays). Example:
     max_requests_jitter = 0
     max_rss_mb = 0              # recycle a worker above this resident size (0: never)
 
+    metrics_bind = "127.0.0.1:9464"   # Prometheus /metrics; "off" disables
+    admin_socket = ""           # default: $RUNTIME_DIRECTORY, $XDG_RUNTIME_DIR or /tmp/mcpherd-<uid>
+
     [restart]                   # OTP restart intensity, per slot
     max_restarts = 5
     window_s = 30
+
+    [autoscale]                 # off unless enabled: a fixed count is what `workers` says
+    enabled = false
+    min_workers = 2
+    max_workers = 0             # 0: the CPUs this process may use
+    scale_up_at = 0.80          # mean busy ratio of the workers' event loops
+    scale_down_at = 0.30
+    up_after_s = 5
+    down_after_s = 30
+    cooldown_s = 30
 """
 
 from __future__ import annotations
@@ -25,6 +38,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
+
+from mcpherd.supervisor.autoscale import AutoscalePolicy
 
 
 class ConfigError(Exception):
@@ -49,6 +64,10 @@ class Restart(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ValueError("max_restarts must be >= 0, window_s and backoff_max_s > 0")
 
 
+class Autoscale(AutoscalePolicy, frozen=True, kw_only=True):
+    enabled: bool = False
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     app: str = "mcpherd.demo:app"
     bind: list[str] = msgspec.field(default_factory=lambda: ["127.0.0.1:8000"])
@@ -65,7 +84,10 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_file: str = ""
     pid_file: str = ""
+    metrics_bind: str = "127.0.0.1:9464"
+    admin_socket: str = ""
     restart: Restart = msgspec.field(default_factory=Restart)
+    autoscale: Autoscale = msgspec.field(default_factory=Autoscale)
 
     def __post_init__(self) -> None:
         if not self.bind:
@@ -80,6 +102,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ValueError("max_requests, max_requests_jitter and max_rss_mb must be >= 0")
         if ":" not in self.app:
             raise ValueError("app must look like module:attribute")
+        if self.metrics_bind != "off":
+            parse_bind(self.metrics_bind)
 
     @property
     def binds(self) -> list[tuple[str, int]]:
@@ -96,7 +120,11 @@ def load(path: str | None, overrides: dict[str, Any]) -> Config:
             raise ConfigError(f"cannot read configuration file {path}: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"configuration file {path} is not valid TOML: {exc}") from None
-    document.update({key: value for key, value in overrides.items() if value is not None})
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(document.get(key), dict):
+            document[key] = {**document[key], **value}
+        elif value is not None:
+            document[key] = value
     try:
         return msgspec.convert(document, Config)
     except msgspec.ValidationError as exc:

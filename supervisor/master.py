@@ -28,11 +28,16 @@ from collections.abc import Callable
 from setproctitle import setproctitle
 
 from mcpherd.shared import control, layout
-from mcpherd.supervisor import policy
+from mcpherd.shared import metrics
+from mcpherd.supervisor import autoscale, policy, status
+from mcpherd.supervisor.admin import AdminServer, AlreadyRunning
 from mcpherd.supervisor.bus import Bus
-from mcpherd.supervisor.config import Config, ConfigError, load
+from mcpherd.supervisor.commands import Commands
+from mcpherd.supervisor.config import Config, ConfigError, load, parse_bind
+from mcpherd.supervisor.metrics import ClusterMetrics, LiveLane, MetricsServer
 from mcpherd.supervisor.slots import Proc, Slot, State
-from mcpherd.supervisor.sockets import INHERIT_ENV, ListenerGroup, inherited_groups, listen_drops
+from mcpherd.supervisor.sockets import (INHERIT_ENV, ListenerGroup, accept_queue_length, inherited_groups,
+                                        listen_drops)
 from mcpherd.supervisor.spawn import MASTER_SIGNALS, WorkerLaunch, fork_worker
 from mcpherd.supervisor.topology import allowed_cpus, cpu_for_slot, placement, read_topology
 from mcpherd.supervisor.upgrade import Upgrade
@@ -70,7 +75,16 @@ class Master:
         self.drops = listen_drops()
         self.upgrade = Upgrade(self)
         self.bus = Bus(self)
-        self.on_tick: list[Callable[[], None]] = [self.upgrade.tick, self.watch_listen_drops, self.bus.check]
+        self.rates = status.Rates()
+        self.scale_state = autoscale.ScaleState()
+        self.last_decision: dict[str, object] | None = None
+        self.scale_events = {"up": 0, "down": 0}
+        self.admin: AdminServer | None = None
+        self.metrics: ClusterMetrics | None = None
+        self.metrics_server: MetricsServer | None = None
+        self.sampled_at = 0.0
+        self.on_tick: list[Callable[[], None]] = [self.upgrade.tick, self.watch_listen_drops, self.bus.check,
+                                                  self.every_second]
         self.drops_checked = 0.0
         self.listen_overflows = 0  # since this master started
         self.listen_drops = 0
@@ -95,9 +109,100 @@ class Master:
         self.selector.register(read_fd, selectors.EVENT_READ, self._read_signals)
         for slot in self.slots[: self.target]:
             slot.wanted = True
+        self._serve_admin()
+        self._serve_metrics()
         self._title()
         log.info("master %d serving %s with %d workers (generation %d)", self.pid,
                  ", ".join(g.address for g in self.groups), self.target, self.generation)
+
+    def _serve_admin(self) -> None:
+        from mcpherd.shared.admin import socket_path
+
+        path = socket_path(self.config.admin_socket or None)
+        inherited = self.upgrade.inherited_socket("admin")
+        try:
+            self.admin = AdminServer(path, self.selector, Commands(self).handlers(), inherited)
+        except AlreadyRunning as exc:
+            raise ConfigError(str(exc)) from None
+
+    def _serve_metrics(self) -> None:
+        if self.config.metrics_bind == "off":
+            return
+        self.metrics = ClusterMetrics(self)
+        self.metrics_server = MetricsServer(parse_bind(self.config.metrics_bind), {"/metrics": self.metrics.scrape})
+        try:
+            self.metrics_server.listen(self.upgrade.inherited_socket("metrics"))
+        except OSError as exc:
+            raise ConfigError(f"cannot serve metrics on {self.config.metrics_bind}: {exc.strerror}") from None
+        self.metrics_server.register(self.selector)
+
+    # -- the Cluster interface of ClusterMetrics -----------------------------------------------
+    def live_lanes(self) -> list[LiveLane]:
+        return [LiveLane(layout.lane_index(p.slot, p.lane), p.slot, p.pid, p.cell) for p in self.processes()]
+
+    def worker_count(self) -> int:
+        return sum(1 for s in self.slots if s.current is not None and s.current.state is State.READY)
+
+    def restarts_total(self) -> int:
+        return sum(s.restarts_total for s in self.slots)
+
+    def reloads_total(self) -> int:
+        return self.reloads
+
+    # -- once a second: rates, autoscaling, housekeeping ------------------------------------------
+    def every_second(self) -> None:
+        now = time.monotonic()
+        if self.admin is not None:
+            self.admin.tick(now)
+        if self.metrics_server is not None:
+            self.metrics_server.tick(now)
+        if now - self.sampled_at < 1.0:
+            return
+        self.sampled_at = now
+        self.rates.update([p for p in self.processes() if p.state is not State.EXITED], now)
+        if self.config.autoscale.enabled and not self.stopping_since:
+            self.autoscale(now)
+
+    def autoscale(self, now: float) -> None:
+        live = [s for s in self.slots if s.wanted and s.current is not None and s.current.state is State.READY]
+        if not live:
+            return
+        queued = sum(accept_queue_length(g.sockets[s.index]) for g in self.groups for s in live)
+        measurement = autoscale.Measurement(now, self.target, tuple(self.rates.busy_ratio(s.current.pid)
+                                                                       for s in live if s.current), queued)
+        decision, self.scale_state = autoscale.decide(measurement, self.scale_state, self.config.autoscale,
+                                                      len(self.cpu_order))
+        if decision.direction != "hold" and decision.target != self.target:
+            self.scale_events[decision.direction] += 1
+            self.last_decision = {"at": time.time(), "direction": decision.direction, "reason": decision.reason}
+            log.info("autoscale %s to %d workers: %s", decision.direction, decision.target, decision.reason)
+            self.set_target(decision.target, f"autoscale: {decision.reason}")
+
+    # -- what the status document needs --------------------------------------------------------
+    def autoscale_status(self) -> dict[str, object]:
+        policy = self.config.autoscale
+        return {"enabled": policy.enabled, "min": policy.min_workers,
+                "max": policy.max_workers or len(self.cpu_order), "last_decision": self.last_decision,
+                "scale_events": dict(self.scale_events)}
+
+    def _totals(self) -> dict[str, int]:
+        if self.metrics is not None:
+            return self.metrics.totals(self.live_lanes()).counters
+        counters: dict[str, int] = {}
+        for proc in self.processes():
+            for name, field in metrics.COUNTER_FIELDS.items():
+                counters[name] = counters.get(name, 0) + proc.cell.get(field)
+        return counters
+
+    def metrics_retired_requests(self) -> int:
+        return self.metrics.retired.counters["http_requests"] if self.metrics is not None else 0
+
+    def cache_totals(self) -> tuple[int, int]:
+        counters = self._totals()
+        return counters["cache_hits"], counters["cache_misses"]
+
+    def errors_total(self) -> int:
+        return self._totals()["errors"]
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> int:
@@ -166,10 +271,22 @@ class Master:
 
     # -- verbs ---------------------------------------------------------------------------------
     def set_target(self, count: int, why: str) -> None:
+        """Desired state only: pick which slots are wanted; reconcile() acts on it.
+
+        Scale-up takes the lowest free slots; scale-down retires the workers with the fewest open
+        streams (their clients have the least to lose), the highest slot on a tie.
+        """
         count = max(1, min(count, self.max_slots))
         if count != self.target:
             log.info("target workers %d -> %d (%s)", self.target, count, why)
         self.target = count
+        wanted = [s for s in self.slots if s.wanted]
+        for slot in [s for s in self.slots if not s.wanted][: max(0, count - len(wanted))]:
+            slot.wanted = True
+        if len(wanted) > count:
+            by_streams = sorted(wanted, key=lambda s: (_streams(s), -s.index))
+            for slot in by_streams[: len(wanted) - count]:
+                slot.wanted = False
 
     def reload(self) -> None:
         """SIGHUP: re-read the configuration, then roll a new generation over every slot."""
@@ -197,6 +314,9 @@ class Master:
         self.target = 0
         for slot in self.slots:
             slot.wanted = False
+        if self.admin is not None and not graceful:
+            self.admin.close(unlink=not self.upgrade.handed_over)
+            self.admin = None
         for proc in self.processes():
             if graceful:
                 self.stop_proc(proc, "master stopping", control.Stop())
@@ -272,6 +392,8 @@ class Master:
         _unregister(self.selector, proc.channel)
         proc.channel.close()
         self.bus.forget(proc)
+        if self.metrics is not None:
+            self.metrics.fold(layout.lane_index(proc.slot, proc.lane), proc.cell)
         if proc in slot.retiring:
             slot.retiring.remove(proc)
             log.info("worker %d (slot %d, gen %d) exited after %s: %s", proc.pid, slot.index, proc.generation,
@@ -386,8 +508,6 @@ class Master:
         if self.stopping_since:
             self._finish_stop(now)
             return
-        for slot in self.slots:
-            slot.wanted = slot.index < self.target
         self._steer()  # first: a slot about to retire stops receiving connections before it is told
         for slot in self.slots:
             self._reconcile_slot(slot, now)
@@ -429,6 +549,10 @@ class Master:
 
     def teardown(self) -> None:
         log.info("master %d exiting (%d)", self.pid, self.exit_code)
+        if self.admin is not None:
+            self.admin.close(unlink=not self.upgrade.handed_over)
+        if self.metrics_server is not None:
+            self.metrics_server.close()
         if self.upgrade.handed_over:
             return  # the new master owns the sockets and paths now
         for group in self.groups:
@@ -462,6 +586,10 @@ class Master:
         ready = sum(1 for s in self.slots if s.current is not None and s.current.state is State.READY)
         setproctitle(f"mcpherd: master [gen {self.generation}] {ready} workers "
                      + " ".join(g.address for g in self.groups))
+
+
+def _streams(slot: Slot) -> int:
+    return slot.current.cell.get(layout.F_STREAMS) if slot.current is not None else 0
 
 
 def _record_only(signum: int, frame: object) -> None:
@@ -523,6 +651,9 @@ def _load_secret(path: str) -> bytes:
 def serve(config: Config, config_path: str | None, overrides: dict[str, object]) -> int:
     try:
         return Master(config, config_path, overrides).run()
+    except ConfigError as exc:
+        print(f"mcpherd: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:
         if exc.errno in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
             print(f"mcpherd: cannot listen: {exc.strerror}", file=sys.stderr)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import sys
 from typing import TYPE_CHECKING
 
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("mcpherd.master")
 FROM_ENV = "MCPHERD_UPGRADE_FROM"
 SECRET_ENV = "MCPHERD_SECRET_FD"
+SOCKETS_ENV = "MCPHERD_CONTROL_FDS"
 
 
 class Upgrade:
@@ -44,13 +46,17 @@ class Upgrade:
         secret_fd = os.memfd_create("mcpherd-secret", 0)
         os.write(secret_fd, self.master.secret)
         handover = ";".join(group.inheritable() for group in self.master.groups)
+        extra = {name: sock for name, sock in (("admin", self._admin()), ("metrics", self._metrics())) if sock}
         env = {**os.environ, INHERIT_ENV: handover, SECRET_ENV: str(secret_fd), FROM_ENV: str(os.getpid()),
-               "MCPHERD_GENERATION": str(self.master.generation + 1)}
+               "MCPHERD_GENERATION": str(self.master.generation + 1),
+               SOCKETS_ENV: ",".join(f"{name}={sock.fileno()}" for name, sock in extra.items())}
         argv = [sys.executable, "-m", "mcpherd", *sys.argv[1:]]
         pid = os.fork()
         if pid == 0:
             try:
                 os.set_inheritable(secret_fd, True)
+                for sock in extra.values():
+                    os.set_inheritable(sock.fileno(), True)
                 os.execve(sys.executable, argv, env)
             finally:
                 os._exit(127)
@@ -76,7 +82,24 @@ class Upgrade:
             self.handed_over = True
         return self.handed_over
 
-    # -- new master ----------------------------------------------------------------------------
+    def _admin(self) -> socket.socket | None:
+        return self.master.admin.listener if self.master.admin is not None else None
+
+    def _metrics(self) -> socket.socket | None:
+        server = self.master.metrics_server
+        return server.listener if server is not None else None
+
+    # -- new master ----
+    def inherited_socket(self, name: str) -> socket.socket | None:
+        """The admin or metrics listener handed over by the master we replace (else None)."""
+        for entry in filter(None, os.environ.get(SOCKETS_ENV, "").split(",")):
+            key, _, fd = entry.partition("=")
+            if key == name:
+                sock = socket.socket(fileno=int(fd))
+                os.set_inheritable(sock.fileno(), False)
+                return sock
+        return None
+
     def inherited_secret(self) -> bytes:
         fd = os.environ.pop(SECRET_ENV, "")
         if not fd:

@@ -186,11 +186,19 @@ class App:
 
     # -- runtime calls from tools --------------------------------------------------------------
     def invalidate(self, *, key: str | None = None, tag: str | None = None, prefix: str | None = None,
-                   all: bool = False) -> int:
-        """Drop cached tool results; returns how many entries this worker dropped."""
+                   all: bool = False) -> Any:
+        """Drop cached tool results on every worker of the cluster.
+
+        In an async tool, `await app.invalidate(tag="weather")`: it resolves (True) once every worker
+        has applied it, so nothing stale is served after it returns. In a sync tool (a pool thread)
+        the call itself blocks until then. Keys are `<tool>:<canonical JSON arguments>`
+        (see `cache_key`); `prefix="weather:"` drops every cached call of the weather tool.
+        """
+        if not (key or tag or prefix or all):
+            raise ValueError("invalidate needs key=, tag=, prefix= or all=True")
         if self.runtime is None:
-            return 0
-        return int(self.runtime.invalidate(key=key, tag=tag, prefix=prefix, all=all))
+            raise RuntimeError("invalidate() works inside a running worker")
+        return self.runtime.invalidate(key, tag, prefix, all)
 
     async def notify_resource_updated(self, uri: str) -> None:
         if self.runtime is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -44,6 +45,12 @@ class Call:
         self.answers: dict[str, Any] | None = None  # 2026-07-28 multi-round: answers so far
         self.round_key: tuple[str, str, bytes] = ("", "", b"")  # method, target, raw arguments (methods._bound)
         self.cache_key = ""  # set when the result of this call may be cached
+        self.tool_name = ""  # tools/call: which tool (its latency histogram)
+        self.started = time.perf_counter()
+        self.recorded = False
+        request.counted = True
+        if endpoint.recorder is not None:
+            endpoint.recorder.enter()
         self.cancelled = asyncio.Event()
         self.stream: EventStream | None = None
         self.log: StreamLog | None = None
@@ -113,9 +120,22 @@ class Call:
             live.end()
 
     # -- the HTTP answer -----------------------------------------------------------------------
+    def record(self, ok: bool) -> None:
+        """Count this request in the worker's metrics, once, when its final message is decided."""
+        recorder = self.endpoint.recorder
+        if self.recorded or recorder is None:
+            return
+        self.recorded = True
+        seconds = time.perf_counter() - self.started
+        recorder.leave()
+        recorder.request(str(self.message.method), ok, seconds)
+        if self.tool_name:
+            recorder.tool(self.tool_name, seconds)
+
     def respond_now(self, result: Any) -> Response:
         """The handler finished synchronously: a plain JSON response, no stream ever opened."""
         self.finished = True
+        self.record(True)
         return Response.json(200, self._result_bytes(result), self.endpoint.response_headers(self))
 
     def pending_response(self, task: asyncio.Future[Any]) -> asyncio.Future[ResponseLike]:
@@ -128,16 +148,16 @@ class Call:
     def _task_done(self, task: asyncio.Future[Any]) -> None:
         self.endpoint.forget(self)
         if task.cancelled():
-            self._finish(None)
+            self._finish(None, ok=False)
             return
         exc = task.exception()
         if isinstance(exc, rpc.RpcError):
-            self._finish(rpc.error(self.request_id, exc.code, exc.message, exc.data))
+            self._finish(rpc.error(self.request_id, exc.code, exc.message, exc.data), ok=False)
         elif exc is not None:
             self.endpoint.log_handler_error(self, exc)
-            self._finish(rpc.error(self.request_id, rpc.INTERNAL_ERROR, "Internal error"))
+            self._finish(rpc.error(self.request_id, rpc.INTERNAL_ERROR, "Internal error"), ok=False)
         else:
-            self._finish(self._result_bytes(task.result()))
+            self._finish(self._result_bytes(task.result()), ok=True)
 
     def _result_bytes(self, result: Any) -> bytes:
         if self.modern:
@@ -145,9 +165,10 @@ class Call:
             result.setdefault("_meta", self.endpoint.server_meta)
         return rpc.response(self.request_id, result)
 
-    def _finish(self, body: bytes | None) -> None:
+    def _finish(self, body: bytes | None, ok: bool) -> None:
         """Deliver the final message (None: cancelled, nothing to say) and close the stream."""
         self.finished = True
+        self.record(ok)
         if self.stream is None and self.log is None:
             if self.http is not None and not self.http.done():
                 response = Response.json(200, body, self.endpoint.response_headers(self)) if body else \

@@ -46,6 +46,7 @@ class Request:
     body: bytes
     keep_alive: bool
     connection: HttpConnection
+    counted: bool = False  # a Call took over counting this request in the metrics
 
     def header(self, name: str, default: str = "") -> str:
         return self.headers.get(name, default)
@@ -87,10 +88,12 @@ class ConnState(enum.Enum):
 class HttpConnection(asyncio.Protocol):
     """One client connection. The parser calls the `on_*` methods from inside `data_received`."""
 
-    def __init__(self, handler: Handler, limits: HttpLimits, registry: set[HttpConnection]) -> None:
+    def __init__(self, handler: Handler, limits: HttpLimits, registry: set[HttpConnection],
+                 traffic: list[int] | None = None) -> None:
         self._handler = handler
         self._limits = limits
         self._registry = registry
+        self._traffic = traffic  # [bytes in, bytes out] of the whole worker
         self._loop = asyncio.get_running_loop()
         self._parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
@@ -136,6 +139,8 @@ class HttpConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._rejected:
             return
+        if self._traffic is not None:
+            self._traffic[0] += len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -230,8 +235,11 @@ class HttpConnection(asyncio.Protocol):
             if not isinstance(result, Response):
                 result.detach()
             return
-        if not request.keep_alive and isinstance(result, Response):
-            result.close = True
+        if isinstance(result, Response):
+            if not request.keep_alive:
+                result.close = True
+            if result.content_type == "application/json":
+                gzip_if_worth_it(request, result)  # checks the size first: small answers cost one len()
         entry[0] = result
         self._flush()
 
@@ -270,6 +278,8 @@ class HttpConnection(asyncio.Protocol):
         if response.close or self.draining:
             head += "connection: close\r\n"
         head += f"content-length: {len(body)}\r\n\r\n"
+        if self._traffic is not None:
+            self._traffic[1] += len(head) + len(body)
         if len(body) < 65536:
             self.transport.write(head.encode("latin-1") + body)
         else:
@@ -285,6 +295,8 @@ class HttpConnection(asyncio.Protocol):
 
     def write_chunk(self, data: bytes) -> None:
         if self.transport is not None and not self.closed and data:
+            if self._traffic is not None:
+                self._traffic[1] += len(data)
             self.transport.write(b"%x\r\n%b\r\n" % (len(data), data))
 
     def write_last_chunk(self) -> None:

@@ -211,6 +211,7 @@ class Methods:
         tool = self.app.tools.get(params.name)
         if tool is None:
             raise rpc.RpcError(rpc.INVALID_PARAMS, f"Unknown tool: {params.name}")
+        call.tool_name = tool.name
         args = decode_arguments(tool.signature, params.arguments, f"tool {tool.name!r}")
         if call.modern:
             self._open_round(call, tool.name, params.arguments, params)

@@ -183,6 +183,7 @@ class ModernEndpoint:
         params = msgspec.json.decode(call.params) if call.params is not msgspec.UNSET else {}
         wanted = params.get("notifications") if isinstance(params, dict) else None
         listener = Listener(EventStream([]), wanted if isinstance(wanted, dict) else {}, call.request_id)
+        call.record(True)  # counted when the subscription starts; the stream then lives on
         acknowledged: dict[str, Any] = {key: True for key, m in (
             ("toolsListChanged", "notifications/tools/list_changed"),
             ("promptsListChanged", "notifications/prompts/list_changed"),

@@ -25,7 +25,8 @@ from mcpherd.shared import control, events, layout
 from mcpherd.worker.app import App
 from mcpherd.worker.cache import ResultCache
 from mcpherd.worker.cluster import Cluster
-from mcpherd.worker.http import HttpConnection
+from mcpherd.shared.metrics import Recorder
+from mcpherd.worker.http import HttpConnection, Response
 from mcpherd.worker.invoke import Invoker
 from mcpherd.worker.limits import HttpLimits
 from mcpherd.worker.methods import Methods
@@ -84,7 +85,20 @@ class Runtime:
         self.cluster = cluster
 
     def invalidate(self, key: str | None, tag: str | None, prefix: str | None, all: bool) -> Any:
-        return self.cluster.publish(events.Invalidate(key, tag, prefix, all))
+        """On the loop: an awaitable. From a pool thread: block until every worker applied it."""
+        event = events.Invalidate(key, tag, prefix, all)
+        loop = self.cluster.loop
+        try:
+            on_loop = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            on_loop = False
+        if on_loop:
+            return self.cluster.publish(event)
+
+        async def publish() -> bool:
+            return await self.cluster.publish(event)
+
+        return asyncio.run_coroutine_threadsafe(publish(), loop).result()
 
     async def resource_updated(self, uri: str) -> None:
         await self.cluster.publish(events.ResourceUpdated(uri))
@@ -118,20 +132,45 @@ class Worker:
         )
         self.cluster = Cluster(self, channel, segment, tag)
         self.endpoint.cluster = self.cluster
+        self.recorder = Recorder(cell, list(app.tools)) if cell is not None else None
+        self.endpoint.recorder = self.recorder
+        if self.recorder is not None:
+            self.cluster.on_propagation = self.recorder.propagation
+        self.traffic = [0, 0]  # bytes in, bytes out
         app.runtime = Runtime(self.cluster)
         self.stopping = asyncio.Event()
         self.mode: Any = control.Stop()
         self.next_beat = 0.0
 
     def handle(self, request: Any) -> Any:
-        if self.cell is not None:
-            self.cell.add(layout.F_REQUESTS)
-        return self.endpoint.handle(request)
+        """Every HTTP request: counted, timed (the busy ratio), and recorded when no Call did it."""
+        started = time.perf_counter_ns()
+        result = self.endpoint.handle(request)
+        recorder = self.recorder
+        if recorder is None:
+            return result
+        self.cell.add(layout.F_REQUESTS)  # type: ignore[union-attr]
+        recorder.busy(time.perf_counter_ns() - started)
+        if not request.counted and request.method == "POST":
+            if isinstance(result, Response):
+                recorder.request(_method_of(request, result), _ok(result), (time.perf_counter_ns() - started) / 1e9)
+            elif isinstance(result, asyncio.Future):
+                result.add_done_callback(lambda f: self._record_later(request, f, started))
+        return result
+
+    def _record_later(self, request: Any, future: asyncio.Future[Any], started: int) -> None:
+        if self.recorder is None or request.counted:
+            return
+        response = None if future.cancelled() or future.exception() else future.result()
+        ok = isinstance(response, Response) and _ok(response)
+        method = _method_of(request, response) if isinstance(response, Response) else "other"
+        self.recorder.request(method, ok, (time.perf_counter_ns() - started) / 1e9)
 
     async def start(self) -> None:
         for sock in self.sockets:
             server = await self.loop.create_server(
-                lambda: HttpConnection(self.handle, self.config.limits, self.connections), sock=sock, backlog=2048)
+                lambda: HttpConnection(self.handle, self.config.limits, self.connections, self.traffic), sock=sock,
+                backlog=2048)
             self.servers.append(server)
         self.cluster.start(list(self.app.tools))
         self.next_beat = self.loop.time()
@@ -147,7 +186,11 @@ class Worker:
         if self.cell is not None:
             self.cell.set(layout.F_HEARTBEAT, time.monotonic_ns())
             self.cell.set(layout.F_LOOP_LAG_US, int(max(0.0, now - self.next_beat) * 1e6))
-            self.cell.set(layout.F_CONNECTIONS, len(self.connections))
+            streams = sum(1 for c in self.connections if c.active_stream is not None)
+            if self.recorder is not None:
+                self.recorder.gauges(len(self.connections), streams)
+            self.cell.set(layout.F_BYTES_IN, self.traffic[0])
+            self.cell.set(layout.F_BYTES_OUT, self.traffic[1])
         self.next_beat = now + HEARTBEAT_INTERVAL
         self.loop.call_at(self.next_beat, self._beat)
 
@@ -177,7 +220,7 @@ class Worker:
 
         async def take() -> None:
             _transport, connection = await self.loop.connect_accepted_socket(
-                lambda: HttpConnection(self.handle, self.config.limits, self.connections), sock)
+                lambda: HttpConnection(self.handle, self.config.limits, self.connections, self.traffic), sock)
             connection.data_received(request)
 
         self.loop.create_task(take())
@@ -214,6 +257,23 @@ class Worker:
             await asyncio.sleep(0.05)
             queued = sum(accept_queue_length(s) for s in self.sockets)
             quiet_checks = quiet_checks + 1 if queued == 0 else 0
+
+
+def _ok(response: Response) -> bool:
+    # Responses counted here never carry a result with free text: a JSON-RPC error shows as such.
+    return 200 <= response.status < 300 and b'"error":{' not in response.body[:256]
+
+
+def _method_of(request: Any, response: Response | None) -> str:
+    """The JSON-RPC method of a request no Call counted: notifications, answers, rejections."""
+    if response is not None and response.status == 202:
+        return "notifications" if b'"method"' in request.body else "responses"
+    header = request.headers.get("mcp-method")
+    if header:
+        return str(header)
+    if b'"initialize"' in request.body[:512]:
+        return "initialize"
+    return "other"
 
 
 def reopen_logs() -> None:

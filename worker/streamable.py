@@ -76,6 +76,7 @@ class Endpoint:
         self.inflight: dict[tuple[str, Any], Call] = {}  # (session token, request id) -> call
         self.modern = ModernEndpoint(self)
         self.cluster: Any = None  # worker/cluster.py Cluster, set by the worker
+        self.recorder: Any = None  # shared/metrics.py Recorder, set by a worker with a shared-memory cell
         self.server_meta = {"io.modelcontextprotocol/serverInfo": methods.server_info()}
 
     # -- entry ---------------------------------------------------------------------------------
@@ -122,7 +123,7 @@ class Endpoint:
             rpc.check_message(decoded)
         except rpc.RpcError as exc:
             return rpc_error(400, exc.code, exc.message, _id_of(decoded))
-        if decoded.method == "initialize":
+        if decoded.method == "initialize" and decoded.is_request:  # a notification has no id to answer
             return self._initialize(request, decoded)
         session_or_error = self._session_for(request, version)
         if isinstance(session_or_error, Response):
@@ -139,8 +140,12 @@ class Endpoint:
             # Requests in a batch would need one combined stream of answers; notifications and
             # responses are what 2025-03-26 clients actually batch.
             return rpc_error(400, rpc.INVALID_REQUEST, "Invalid request: only notifications and responses may be batched")
+        try:
+            for message in batch:  # every message is checked before any of them takes effect
+                rpc.check_message(message)
+        except rpc.RpcError as exc:
+            return rpc_error(400, exc.code, exc.message)
         for message in batch:
-            rpc.check_message(message)
             self._accept_one_way(session_or_error, message)
         return Response(202)
 
@@ -205,15 +210,16 @@ class Endpoint:
             self.log_handler_error(call, exc)
             return self.error_response(call, rpc.RpcError(rpc.INTERNAL_ERROR, "Internal error"))
         if call.http is not None:  # it wrote to a stream before finishing
-            call._finish(call._result_bytes(outcome))
+            call._finish(call._result_bytes(outcome), ok=True)
             return call.http
         return call.respond_now(outcome)
 
     def error_response(self, call: Call, exc: rpc.RpcError) -> ResponseLike | Awaitable[ResponseLike]:
         body = rpc.error(call.request_id, exc.code, exc.message, exc.data)
         if call.http is not None:
-            call._finish(body)
+            call._finish(body, ok=False)
             return call.http
+        call.record(False)
         return Response.json(self.modern.status_for(exc.code) if call.modern else 200, body,
                              self.response_headers(call))
 
@@ -241,7 +247,9 @@ class Endpoint:
             return
         if message.method == "notifications/cancelled" and message.params is not msgspec.UNSET:
             params = msgspec.json.decode(message.params)
-            call = self.inflight.get((session.token, params.get("requestId") if isinstance(params, dict) else None))
+            request_id = params.get("requestId") if isinstance(params, dict) else None
+            # Only ids can name a request; anything else (a list, an object) is not hashable either.
+            call = self.inflight.get((session.token, request_id)) if isinstance(request_id, (str, int)) else None
             if call is not None:
                 call.cancelled.set()
                 if call.task is not None:
@@ -290,7 +298,7 @@ class Endpoint:
         log_ = session.streams.get(stream_id)
         if log_ is None and self.cluster is not None and stream_id and not self.cluster.owns(stream_id):
             return self._hand_off(request, stream_id.split("-", 1)[0])
-        if log_ is None or not seq.isdigit():
+        if log_ is None or not (seq.isascii() and seq.isdigit()):  # "²".isdigit(), but int("²") raises
             return rpc_error(404, rpc.INVALID_REQUEST, "Not Found: unknown Last-Event-ID for this session")
         if log_.live is not None:
             log_.live.end()  # the client reconnected: the old connection is a ghost

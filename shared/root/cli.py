@@ -27,15 +27,24 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--allowed-host", action="append", dest="allowed_hosts", help="extra Host header value")
     serve.add_argument("--allowed-origin", action="append", dest="allowed_origins", help="extra Origin value")
     serve.add_argument("--secret-file", help="file holding the cluster signing secret (>= 16 bytes)")
+    serve.add_argument("--metrics-bind", help='HOST:PORT for Prometheus /metrics (default 127.0.0.1:9464), or "off"')
+    serve.add_argument("--admin-socket", help="path of the admin socket")
+    serve.add_argument("--autoscale", choices=["on", "off"], help="scale the worker count with load")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--log-file", help="append logs here instead of stderr (reopened on SIGUSR1)")
+    from mcpherd.ctl import add_commands
+
+    add_commands(commands)
     return parser
 
 
 def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
     keys = ("app", "bind", "workers", "timeout", "graceful_timeout", "max_requests", "max_requests_jitter",
-            "max_rss_mb", "allowed_hosts", "allowed_origins", "secret_file", "log_level", "log_file")
+            "max_rss_mb", "allowed_hosts", "allowed_origins", "secret_file", "log_level", "log_file",
+            "metrics_bind", "admin_socket")
     values = {key: getattr(args, key) for key in keys}
+    if getattr(args, "autoscale", None) is not None:
+        values["autoscale"] = {"enabled": args.autoscale == "on"}
     if values["workers"] is not None and values["workers"] != "auto":
         values["workers"] = int(values["workers"]) if values["workers"].isdigit() else values["workers"]
     return values
@@ -77,7 +86,9 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # usage errors exit 2 (argparse)
     if args.command == "serve":
         return serve(args)
-    return 2
+    from mcpherd.ctl import run
+
+    return run(args)

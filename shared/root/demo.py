@@ -16,6 +16,7 @@ from typing import Annotated, Any
 import msgspec
 
 from mcpherd import App, Context, ToolError, mcp_header
+from mcpherd.worker.cache import cache_key
 from mcpherd.worker.content import (
     AudioContent,
     EmbeddedResource,
@@ -349,6 +350,16 @@ def weather(city: str) -> Forecast:
     """Cacheable: a (fake) forecast, cached for 30 s and invalidated by tag "weather"."""
     seed = int(hashlib.sha256(city.lower().encode()).hexdigest()[:6], 16)
     return Forecast(city, round((seed % 400) / 10 - 5, 1), time.time())
+
+
+@app.tool()
+async def refresh_weather(city: str = "") -> str:
+    """Drops cached forecasts on every worker (one city, or all of them); returns once all applied it."""
+    if city:
+        await app.invalidate(key=cache_key("weather", _json({"city": city}).encode()))
+    else:
+        await app.invalidate(tag="weather")
+    return f"forecasts invalidated: {city or 'all'}"
 
 
 # -- resources --------------------------------------------------------------------------------------
