@@ -96,8 +96,48 @@ class Handoff(msgspec.Struct, tag=True):
     request: bytes
 
 
+# Master <-> Redis bridge (supervisor/bridge.py), only when a Redis URL is configured.
+class Outbound(msgspec.Struct, tag=True):
+    """A cluster event raised on this host: publish it to the other hosts."""
+
+    event: bytes
+
+
+class Inbound(msgspec.Struct, tag=True):
+    """A cluster event raised on another host: publish it into this host's ring."""
+
+    event: bytes
+
+
+class RemoteForward(msgspec.Struct, tag=True):
+    host: str
+    owner: str
+    payload: bytes
+
+
+class RemoteDeliver(msgspec.Struct, tag=True):
+    owner: str
+    payload: bytes
+
+
+class L2Invalidate(msgspec.Struct, tag=True):
+    request_id: int
+    event: bytes  # the Invalidate event whose L2 entries must go before the hosts are told
+
+
+class L2Done(msgspec.Struct, tag=True):
+    request_id: int
+    ok: bool
+
+
+class RedisState(msgspec.Struct, tag=True):
+    up: bool
+    detail: str
+
+
 Message = (Stop | Retire | ReopenLogs | Wake | Snapshot | Published | Deliver | Adopt | Hello | Applied
-           | Publish | Forward | Handoff)
+           | Publish | Forward | Handoff | Outbound | Inbound | RemoteForward | RemoteDeliver | L2Invalidate
+           | L2Done | RedisState)
 _encoder = msgspec.msgpack.Encoder()
 _decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(Message)
 

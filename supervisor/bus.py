@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mcpherd.master")
 ACK_TIMEOUT_S = 5.0
+_TAG = re.compile(r"(?P<host>[0-9a-f]{8})w(?P<slot>\d+)(?P<lane>[ab])")
 MAX_TABLE_ENTRIES = 100_000
 
 
@@ -64,9 +66,8 @@ class Bus:
                 self.master.metrics.set_tool_names(layout.lane_index(proc.slot, proc.lane), message.tools)
             control.send(proc.channel, self._snapshot())
         elif isinstance(message, control.Forward):
-            target = self._owner(message.owner)
-            if target is not None:
-                control.send(target.channel, control.Deliver(message.payload))
+            if not self.master.redis.forward(message.owner, message.payload):
+                self.deliver(message.owner, message.payload)
         elif isinstance(message, control.Handoff) and fd is not None:
             target = self._owner(message.owner)
             if target is not None:
@@ -81,11 +82,30 @@ class Bus:
         self._publish(message.event, answer if message.wait else None)
 
     def publish_from_master(self, event: Any, answer: Callable[[int, bool], None]) -> None:
-        """An event the master itself raises (admin `invalidate`)."""
-        self._publish(events.encode(event), answer)
+        """An event the master itself raises (admin `invalidate`): shared L2 entries go first."""
+        payload = events.encode(event)
+        if isinstance(event, events.Invalidate) and self.master.redis.enabled:
+            self.master.redis.invalidate_l2(event, lambda _ok: self._publish(payload, answer))
+        else:
+            self._publish(payload, answer)
 
-    def _publish(self, payload: bytes, answer: Callable[[int, bool], None] | None) -> None:
+    def publish_remote(self, payload: bytes) -> None:
+        """An event raised on another host: into this host's ring, never back out."""
+        self._publish(payload, None, outbound=False)
+
+    def publish_local(self, event: Any) -> None:
+        """An event for this host only (the resynchronisation after a Redis outage)."""
+        self._publish(events.encode(event), None, outbound=False)
+
+    def deliver(self, owner: str, payload: bytes) -> None:
+        target = self._owner(owner)
+        if target is not None:
+            control.send(target.channel, control.Deliver(payload))
+
+    def _publish(self, payload: bytes, answer: Callable[[int, bool], None] | None, outbound: bool = True) -> None:
         seq = self.ring.publish(payload)
+        if outbound and self.master.redis.enabled:
+            self.master.redis.outbound(payload)
         self.published += 1
         self._track(events.decode(payload))
         for proc in self.master.processes():
@@ -141,10 +161,11 @@ class Bus:
                                 list(self.ended))
 
     def _owner(self, tag: str) -> Proc | None:
-        """`w<slot><lane>` -> the live process in that lane."""
-        if len(tag) < 3 or not tag[1:-1].isdigit() or tag[-1] not in "ab":
+        """`<host id>w<slot><lane>` -> the live process in that lane of this host."""
+        match = _TAG.fullmatch(tag)
+        if match is None or match["host"] != self.master.host_id:
             return None
-        slot, lane = int(tag[1:-1]), "ab".index(tag[-1])
+        slot, lane = int(match["slot"]), "ab".index(match["lane"])
         if slot >= len(self.master.slots):
             return None
         return next((p for p in self.master.slots[slot].processes() if p.lane == lane), None)

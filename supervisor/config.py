@@ -20,6 +20,11 @@ stays). Example:
     max_restarts = 5
     window_s = 30
 
+    [redis]                     # optional: several hosts behind one load balancer
+    url = "redis://:password@10.0.0.5:6379/0"   # rediss:// for TLS
+    key_prefix = "mcpherd:"
+    socket_timeout = 0.25
+
     [autoscale]                 # off unless enabled: a fixed count is what `workers` says
     enabled = false
     min_workers = 2
@@ -64,6 +69,22 @@ class Restart(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ValueError("max_restarts must be >= 0, window_s and backoff_max_s > 0")
 
 
+class Redis(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Past one machine: hosts share cache, invalidations and sessions through Redis (or Valkey)."""
+
+    url: str = ""  # redis://[:password@]host:port/db or rediss:// for TLS; empty: one host only
+    key_prefix: str = "mcpherd:"
+    socket_timeout: float = 0.25  # a slow Redis must never slow a tool call down by more than this
+    connect_timeout: float = 1.0
+    max_entry_bytes: int = 1024 * 1024  # larger results stay in L1 only
+
+    def __post_init__(self) -> None:
+        if self.url and not self.url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("redis.url must start with redis://, rediss:// or unix://")
+        if self.socket_timeout <= 0 or self.connect_timeout <= 0 or self.max_entry_bytes <= 0:
+            raise ValueError("redis timeouts and max_entry_bytes must be positive")
+
+
 class Autoscale(AutoscalePolicy, frozen=True, kw_only=True):
     enabled: bool = False
 
@@ -88,6 +109,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     admin_socket: str = ""
     restart: Restart = msgspec.field(default_factory=Restart)
     autoscale: Autoscale = msgspec.field(default_factory=Autoscale)
+    redis: Redis = msgspec.field(default_factory=Redis)
 
     def __post_init__(self) -> None:
         if not self.bind:

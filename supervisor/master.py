@@ -36,8 +36,11 @@ from mcpherd.supervisor.commands import Commands
 from mcpherd.supervisor.config import Config, ConfigError, load, parse_bind
 from mcpherd.supervisor.metrics import ClusterMetrics, LiveLane, MetricsServer
 from mcpherd.supervisor.slots import Proc, Slot, State
-from mcpherd.supervisor.sockets import (INHERIT_ENV, ListenerGroup, accept_queue_length, inherited_groups,
-                                        listen_drops)
+from mcpherd.supervisor import bridge
+from mcpherd.supervisor.notify import Notifier, activated_sockets
+from mcpherd.supervisor.redis_link import RedisLink
+from mcpherd.supervisor.sockets import (INHERIT_ENV, ListenerGroup, accept_queue_length, adopt_activated,
+                                        inherited_groups, listen_drops)
 from mcpherd.supervisor.spawn import MASTER_SIGNALS, WorkerLaunch, fork_worker
 from mcpherd.supervisor.topology import allowed_cpus, cpu_for_slot, placement, read_topology
 from mcpherd.supervisor.upgrade import Upgrade
@@ -78,11 +81,15 @@ class Master:
         self.rates = status.Rates()
         self.scale_state = autoscale.ScaleState()
         self.last_decision: dict[str, object] | None = None
-        self.scale_events = {"up": 0, "down": 0}
+        self.scale_events_count = {"up": 0, "down": 0}
         self.admin: AdminServer | None = None
         self.metrics: ClusterMetrics | None = None
         self.metrics_server: MetricsServer | None = None
         self.sampled_at = 0.0
+        self.notifier = Notifier()
+        self.host_id = os.urandom(4).hex()  # names this host's processes in ids other hosts route by
+        self.redis = RedisLink(self, self.host_id)
+        self.announced_generation = 0  # the generation systemd was last told READY=1 for
         self.on_tick: list[Callable[[], None]] = [self.upgrade.tick, self.watch_listen_drops, self.bus.check,
                                                   self.every_second]
         self.drops_checked = 0.0
@@ -95,10 +102,17 @@ class Master:
 
     # -- setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
-        self.secret = self.upgrade.inherited_secret() or _load_secret(self.config.secret_file)
+        self.secret = self.upgrade.inherited_secret() or self._agreed_secret() or _load_secret(self.config.secret_file)
         inherited = os.environ.pop(INHERIT_ENV, "")
-        self.groups = inherited_groups(inherited) if inherited else \
-            [ListenerGroup(host, port) for host, port in self.config.binds]
+        activated = activated_sockets()
+        if inherited:
+            self.groups = inherited_groups(inherited)
+        elif activated:
+            self.groups = [adopt_activated(sock) for sock in activated]
+            log.info("socket activation: serving %s (bind addresses in the configuration are not used)",
+                     ", ".join(g.address for g in self.groups))
+        else:
+            self.groups = [ListenerGroup(host, port) for host, port in self.config.binds]
         for group in self.groups:
             group.ensure(self.max_slots)
         read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -114,6 +128,13 @@ class Master:
         self._title()
         log.info("master %d serving %s with %d workers (generation %d)", self.pid,
                  ", ".join(g.address for g in self.groups), self.target, self.generation)
+
+    def _agreed_secret(self) -> bytes | None:
+        """With Redis and no secret_file, every host uses the secret the first one stored there."""
+        redis = self.config.redis
+        if not redis.url or self.config.secret_file:
+            return None
+        return bridge.agree_on_secret(redis.url, redis.key_prefix, redis.connect_timeout)
 
     def _serve_admin(self) -> None:
         from mcpherd.shared.admin import socket_path
@@ -149,6 +170,16 @@ class Master:
     def reloads_total(self) -> int:
         return self.reloads
 
+    def scale_events(self) -> dict[str, int]:
+        return dict(self.scale_events_count)
+
+    def redis_up(self) -> bool | None:
+        return self.redis.up if self.redis.enabled else None
+
+    def restart_latency_s(self) -> float:
+        latest = [s.last_restart_latency_ms for s in self.slots if s.last_restart_latency_ms]
+        return max(latest) / 1000 if latest else 0.0
+
     # -- once a second: rates, autoscaling, housekeeping ------------------------------------------
     def every_second(self) -> None:
         now = time.monotonic()
@@ -160,8 +191,21 @@ class Master:
             return
         self.sampled_at = now
         self.rates.update([p for p in self.processes() if p.state is not State.EXITED], now)
+        self.redis.tick(now)
+        self._tell_systemd(now)
         if self.config.autoscale.enabled and not self.stopping_since:
             self.autoscale(now)
+
+    def _tell_systemd(self, now: float) -> None:
+        wanted = [s for s in self.slots if s.wanted]
+        serving = [s for s in wanted if s.current is not None and s.current.state is State.READY
+                   and s.current.generation == self.generation]
+        if wanted and len(serving) == len(wanted) and self.announced_generation != self.generation \
+                and not self.stopping_since:
+            self.announced_generation = self.generation
+            self.notifier.ready(f"generation {self.generation}: {len(serving)} workers")
+        rate = sum(self.rates.rate(p.pid) for p in self.processes())
+        self.notifier.status(f"{self.worker_count()} workers, {rate:.0f} req/s, generation {self.generation}", now)
 
     def autoscale(self, now: float) -> None:
         live = [s for s in self.slots if s.wanted and s.current is not None and s.current.state is State.READY]
@@ -173,7 +217,7 @@ class Master:
         decision, self.scale_state = autoscale.decide(measurement, self.scale_state, self.config.autoscale,
                                                       len(self.cpu_order))
         if decision.direction != "hold" and decision.target != self.target:
-            self.scale_events[decision.direction] += 1
+            self.scale_events_count[decision.direction] += 1
             self.last_decision = {"at": time.time(), "direction": decision.direction, "reason": decision.reason}
             log.info("autoscale %s to %d workers: %s", decision.direction, decision.target, decision.reason)
             self.set_target(decision.target, f"autoscale: {decision.reason}")
@@ -183,7 +227,7 @@ class Master:
         policy = self.config.autoscale
         return {"enabled": policy.enabled, "min": policy.min_workers,
                 "max": policy.max_workers or len(self.cpu_order), "last_decision": self.last_decision,
-                "scale_events": dict(self.scale_events)}
+                "scale_events": dict(self.scale_events_count)}
 
     def _totals(self) -> dict[str, int]:
         if self.metrics is not None:
@@ -215,6 +259,7 @@ class Master:
             self.reconcile()
             for hook in self.on_tick:
                 hook()
+            self.notifier.watchdog(time.monotonic())  # only from a loop turn that completed
         self.teardown()
         return self.exit_code
 
@@ -301,6 +346,7 @@ class Master:
                         ", ".join(self.config.bind))
             config.bind = self.config.bind
         self.config = config
+        self.notifier.reloading()
         self.generation += 1
         self.reloads += 1
         self.reload_failed = ""
@@ -310,8 +356,11 @@ class Master:
     def stop(self, graceful: bool) -> None:
         if not self.stopping_since:
             self.stopping_since = time.monotonic()
+            if not self.upgrade.handed_over:  # a hand-over is not the service stopping
+                self.notifier.stopping()
             log.info("%s stop requested", "graceful" if graceful else "immediate")
         self.target = 0
+        self.redis.stop()
         for slot in self.slots:
             slot.wanted = False
         if self.admin is not None and not graceful:
@@ -353,6 +402,7 @@ class Master:
     def worker_config(self, slot: Slot, lane: int, generation: int) -> WorkerConfig:
         c = self.config
         return WorkerConfig(app=c.app, slot=slot.index, lane=lane, generation=generation, secret=self.secret,
+                            host=self.host_id, redis=c.redis,
                             tool_threads=c.tool_threads, graceful_timeout=c.graceful_timeout,
                             allowed_hosts=list(c.allowed_hosts), allowed_origins=list(c.allowed_origins))
 
@@ -379,7 +429,7 @@ class Master:
                 return
             if pid == 0:
                 return
-            if self.upgrade.reaped(pid, status):
+            if self.upgrade.reaped(pid, status) or self.redis.reaped(pid, _describe(status)):
                 continue
             proc = self.find(pid)
             if proc is not None:
@@ -435,6 +485,7 @@ class Master:
             self.reload_failed = f"generation {proc.generation} did not start: {why}"
             log.error("reload failed, generation %d keeps serving: %s", self.generation - 1, self.reload_failed)
             self.generation -= 1  # the running generation is the previous one again
+            self.notifier.ready(f"reload failed: {why}")
             for other in self.slots:
                 if other.successor is not None and other.successor.generation > self.generation:
                     self.stop_proc(other.successor, "reload abandoned", control.Stop())
@@ -544,7 +595,7 @@ class Master:
             group.steer(live)
 
     def _finish_stop(self, now: float) -> None:
-        if not self.processes():
+        if not self.processes() and (not self.redis.pid or now - self.stopping_since > 5.0):
             self.running = False
 
     def teardown(self) -> None:

@@ -56,6 +56,9 @@ class Cluster(Protocol):
     def worker_count(self) -> int: ...
     def restarts_total(self) -> int: ...
     def reloads_total(self) -> int: ...
+    def scale_events(self) -> dict[str, int]: ...
+    def restart_latency_s(self) -> float: ...
+    def redis_up(self) -> bool | None: ...  # None: no Redis configured
 
 
 class ClusterMetrics:
@@ -119,6 +122,17 @@ class ClusterMetrics:
                                   value=self.cluster.restarts_total())
         yield CounterMetricFamily("mcpherd_reloads", "Reloads (SIGHUP) of the worker generation.",
                                   value=self.cluster.reloads_total())
+        scale = CounterMetricFamily("mcpherd_scale_events", "Autoscaler decisions that changed the worker count.",
+                                    labels=["direction"])
+        for direction, count in sorted(self.cluster.scale_events().items()):
+            scale.add_metric([direction], count)
+        yield scale
+        redis_up = self.cluster.redis_up()
+        if redis_up is not None:
+            yield GaugeMetricFamily("mcpherd_redis_up", "1 while this host's Redis subscription is live.",
+                                    value=int(redis_up))
+        yield GaugeMetricFamily("mcpherd_restart_latency_seconds", "Death of a worker to its replacement "
+                                "accepting, last measured per cluster.", value=self.cluster.restart_latency_s())
 
     def _worker_families(self, lanes: list[LiveLane]) -> Iterator[Metric]:
         names = ["slot", "pid"]

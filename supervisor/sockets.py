@@ -54,6 +54,7 @@ class ListenerGroup:
     port: int
     sockets: list[socket.socket] = field(default_factory=list)
     steered: list[int] = field(default_factory=list)
+    shared: bool = False  # one socket for every slot (socket activation without ReusePort=yes)
 
     @property
     def address(self) -> str:
@@ -61,13 +62,16 @@ class ListenerGroup:
 
     def ensure(self, count: int) -> None:
         """Grow the group to `count` sockets (never shrinks: see the module docstring)."""
+        if self.shared:
+            self.sockets.extend([self.sockets[0]] * (count - len(self.sockets)))
+            return
         while len(self.sockets) < count:
             self.sockets.append(_listener(self.host, self.port))
             self.port = self.sockets[0].getsockname()[1]  # a requested port 0 became a real one
 
     def steer(self, live: list[int]) -> bool:
         """Send new connections only to `live` slots' sockets; False when the kernel refused."""
-        if live == self.steered:
+        if live == self.steered or self.shared:
             return True
         code = steering_program(live)
         filters = (_Filter * len(code))(*(_Filter(*ins) for ins in code))
@@ -83,6 +87,9 @@ class ListenerGroup:
         return True
 
     def inheritable(self) -> str:
+        if self.shared:
+            os.set_inheritable(self.sockets[0].fileno(), True)
+            return f"{self.address}=" + ",".join(str(s.fileno()) for s in self.sockets)
         for sock in self.sockets:
             os.set_inheritable(sock.fileno(), True)
         return f"{self.address}=" + ",".join(str(s.fileno()) for s in self.sockets)
@@ -104,6 +111,19 @@ def _listener(host: str, port: int) -> socket.socket:
         raise
     sock.setblocking(False)
     return sock
+
+
+def adopt_activated(sock: socket.socket) -> ListenerGroup:
+    """A socket systemd passed: slot 0 of its address's group; the rest get the same options."""
+    host, port = sock.getsockname()[:2]
+    group = ListenerGroup(host, port, [sock])
+    sock.setblocking(False)
+    if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT):
+        log.warning("the socket-activated listener %s lacks SO_REUSEPORT (set ReusePort=yes in the .socket "
+                    "unit): every worker shares it, so a dying worker's queued connections are not isolated",
+                    group.address)
+        group.shared = True
+    return group
 
 
 def inherited_groups(value: str) -> list[ListenerGroup]:

@@ -19,6 +19,7 @@ import socket
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from setproctitle import setproctitle
@@ -62,16 +63,36 @@ def fork_worker(launch: WorkerLaunch) -> int:
         os._exit(code)
 
 
-def _become_worker(launch: WorkerLaunch, master_pid: int) -> int:
+def _become_child(master_pid: int, keep: set[int], title: str) -> None:
+    """What every child of the master does first: die with it, drop its signals and its fds."""
     _die_with(master_pid)
     for signum in MASTER_SIGNALS:
         signal.signal(signum, signal.SIG_DFL)
     signal.set_wakeup_fd(-1)
-    keep = {0, 1, 2, launch.channel.fileno(), launch.segment.fd, *launch.keep_fds,
-            *(s.fileno() for s in launch.sockets)}
-    _close_fds_except(keep)
+    _close_fds_except({0, 1, 2, *keep})
+    setproctitle(title)
+
+
+def fork_bridge(channel: socket.socket, keep_fds: frozenset[int], run: Callable[[], int]) -> int:
+    """Fork the Redis bridge (supervisor/bridge.py); in the parent return its pid."""
+    master_pid = os.getpid()
+    pid = os.fork()
+    if pid:
+        return pid
+    code = EXIT_BOOT_ERROR
+    try:
+        _become_child(master_pid, {channel.fileno(), *keep_fds}, "mcpherd: redis bridge")
+        code = run()
+    except BaseException:  # noqa: BLE001 - the child must never unwind into master code
+        traceback.print_exc()
+    finally:
+        os._exit(code)
+
+
+def _become_worker(launch: WorkerLaunch, master_pid: int) -> int:
+    keep = {launch.channel.fileno(), launch.segment.fd, *launch.keep_fds, *(s.fileno() for s in launch.sockets)}
+    _become_child(master_pid, keep, f"mcpherd: worker {launch.slot} [cpu {launch.cpu}, gen {launch.generation}]")
     os.sched_setaffinity(0, {launch.cpu})
-    setproctitle(f"mcpherd: worker {launch.slot} [cpu {launch.cpu}, gen {launch.generation}]")
     faulthandler.enable(all_threads=True)  # SIGABRT from the master prints where the loop is stuck
     cell = launch.segment.cell(layout.lane_index(launch.slot, launch.lane))
     cell.clear()

@@ -50,6 +50,11 @@ class Upgrade:
         env = {**os.environ, INHERIT_ENV: handover, SECRET_ENV: str(secret_fd), FROM_ENV: str(os.getpid()),
                "MCPHERD_GENERATION": str(self.master.generation + 1),
                SOCKETS_ENV: ",".join(f"{name}={sock.fileno()}" for name, sock in extra.items())}
+        notifier = self.master.notifier
+        if notifier.enabled:  # the new master becomes the main pid: systemd must hear from it
+            env["NOTIFY_SOCKET"] = notifier.address
+            if notifier.watchdog_interval:
+                env["WATCHDOG_USEC"] = str(int(notifier.watchdog_interval * 2e6))
         argv = [sys.executable, "-m", "mcpherd", *sys.argv[1:]]
         pid = os.fork()
         if pid == 0:
@@ -115,6 +120,7 @@ class Upgrade:
         if slots and all(s.current is not None and s.current.state.value == "ready" for s in slots):
             log.info("upgrade: every worker of generation %d accepts; stopping old master %d",
                      self.master.generation, self.predecessor)
+            self.master.notifier.mainpid(os.getpid())
             try:
                 os.kill(self.predecessor, signal.SIGTERM)
             except ProcessLookupError:

@@ -6,6 +6,7 @@ Handlers raise `RpcError` for protocol errors; errors inside a tool become `isEr
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import logging
@@ -19,6 +20,7 @@ from mcpherd.shared import events
 from mcpherd.shared.signing import Signer
 from mcpherd.worker import jsonrpc as rpc
 from mcpherd.worker.app import App, PromptDef, ResourceDef, ToolDef
+from mcpherd.shared.l2 import L2Cache
 from mcpherd.worker.cache import ResultCache, cache_key
 from mcpherd.worker.content import CONTENT_TYPES, PromptMessage, TextContent
 from mcpherd.worker.context import LOG_LEVELS, ClientError, InputRequired, ToolError
@@ -111,9 +113,10 @@ def params_of(call: Any, struct_type: type[Any]) -> Any:
 
 class Methods:
     def __init__(self, app: App, invoker: Invoker, secret: bytes, page_size: int = 100,
-                 cache: ResultCache | None = None) -> None:
+                 cache: ResultCache | None = None, l2: L2Cache | None = None) -> None:
         self.app = app
         self.cache = cache
+        self.l2 = l2
         self.invoker = invoker
         self.page_size = page_size
         self._state_signer = Signer(secret, "request-state")
@@ -221,6 +224,21 @@ class Methods:
             if cached is not None:
                 return dict(cached)
             call.cache_key = key
+            if self.l2 is not None and self.l2.available:
+                return self._through_l2(call, tool, args, key)
+        return self._run_tool(call, tool, args)
+
+    async def _through_l2(self, call: Any, tool: ToolDef, args: Any, key: str) -> Any:
+        """L1 missed: try the hosts' shared L2 before computing."""
+        assert self.l2 is not None and self.cache is not None
+        shared = await self.l2.get(key)
+        if shared is not None:
+            self.cache.put(key, shared, tool.cache_ttl or 0.0, tool.cache_tags)
+            return dict(shared)
+        outcome = self._run_tool(call, tool, args)
+        return await outcome if hasattr(outcome, "__await__") else outcome
+
+    def _run_tool(self, call: Any, tool: ToolDef, args: Any) -> Any:
         context = call.context() if tool.signature.context_param else None
         try:
             outcome = self.invoker.call(tool.fn, tool.signature, args, context)
@@ -241,6 +259,9 @@ class Methods:
         """Keep successful results of cacheable tools (errors are never cached)."""
         if call.cache_key and self.cache is not None and not result.get("isError"):
             self.cache.put(call.cache_key, dict(result), tool.cache_ttl or 0.0, tool.cache_tags)
+            if self.l2 is not None:
+                asyncio.get_running_loop().create_task(
+                    self.l2.put(call.cache_key, result, tool.cache_ttl or 0.0, tool.cache_tags))
         return result
 
     def _tool_failure(self, call: Any, tool: ToolDef, exc: Exception) -> dict[str, Any]:

@@ -23,6 +23,7 @@ import uvloop
 
 from mcpherd.shared import control, events, layout
 from mcpherd.worker.app import App
+from mcpherd.shared.l2 import L2Cache
 from mcpherd.worker.cache import ResultCache
 from mcpherd.worker.cluster import Cluster
 from mcpherd.shared.metrics import Recorder
@@ -49,6 +50,8 @@ class WorkerConfig:
     slot: int = 0
     lane: int = 0
     generation: int = 1
+    host: str = "00000000"  # the master's host id: ids other hosts route by start with it
+    redis: Any = None  # supervisor.config.Redis when hosts share Redis
     secret: bytes = b""
     path: str = "/mcp"
     tool_threads: int = 32
@@ -81,23 +84,26 @@ def load_app(spec: str) -> App:
 class Runtime:
     """What `app.invalidate()` and `app.notify_*()` reach inside this worker: cluster events."""
 
-    def __init__(self, cluster: Cluster) -> None:
+    def __init__(self, cluster: Cluster, l2: L2Cache | None) -> None:
         self.cluster = cluster
+        self.l2 = l2
 
     def invalidate(self, key: str | None, tag: str | None, prefix: str | None, all: bool) -> Any:
         """On the loop: an awaitable. From a pool thread: block until every worker applied it."""
         event = events.Invalidate(key, tag, prefix, all)
+
+        async def publish() -> bool:
+            if self.l2 is not None:  # shared entries first, or a worker could refill its L1 from them
+                await self.l2.invalidate(key, tag, prefix, all)
+            return await self.cluster.publish(event)
+
         loop = self.cluster.loop
         try:
             on_loop = asyncio.get_running_loop() is loop
         except RuntimeError:
             on_loop = False
         if on_loop:
-            return self.cluster.publish(event)
-
-        async def publish() -> bool:
-            return await self.cluster.publish(event)
-
+            return loop.create_task(publish())
         return asyncio.run_coroutine_threadsafe(publish(), loop).result()
 
     async def resource_updated(self, uri: str) -> None:
@@ -122,9 +128,12 @@ class Worker:
         self.servers: list[asyncio.AbstractServer] = []
         bind_hosts = [s.getsockname()[0] for s in sockets]
         self.cache = ResultCache(cell=cell)
-        tag = f"w{config.slot}{'ab'[config.lane]}"
+        redis = config.redis
+        self.l2 = L2Cache(redis.url, redis.key_prefix, redis.socket_timeout, redis.connect_timeout,
+                          redis.max_entry_bytes) if redis is not None and redis.url else None
+        tag = f"{config.host}w{config.slot}{'ab'[config.lane]}"
         self.endpoint = Endpoint(
-            Methods(app, Invoker(self.loop, config.tool_threads), config.secret, cache=self.cache),
+            Methods(app, Invoker(self.loop, config.tool_threads), config.secret, cache=self.cache, l2=self.l2),
             SessionStore(config.secret, tag, idle_timeout=config.session_idle_timeout),
             AllowList(default_hosts(bind_hosts) + config.allowed_hosts),
             AllowList(list(loopback_origins()) + config.allowed_origins),
@@ -137,7 +146,7 @@ class Worker:
         if self.recorder is not None:
             self.cluster.on_propagation = self.recorder.propagation
         self.traffic = [0, 0]  # bytes in, bytes out
-        app.runtime = Runtime(self.cluster)
+        app.runtime = Runtime(self.cluster, self.l2)
         self.stopping = asyncio.Event()
         self.mode: Any = control.Stop()
         self.next_beat = 0.0

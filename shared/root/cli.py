@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--metrics-bind", help='HOST:PORT for Prometheus /metrics (default 127.0.0.1:9464), or "off"')
     serve.add_argument("--admin-socket", help="path of the admin socket")
     serve.add_argument("--autoscale", choices=["on", "off"], help="scale the worker count with load")
+    serve.add_argument("--redis", help="redis:// or rediss:// URL shared by every host of the cluster")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--log-file", help="append logs here instead of stderr (reopened on SIGUSR1)")
     from mcpherd.ctl import add_commands
@@ -45,6 +46,8 @@ def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
     values = {key: getattr(args, key) for key in keys}
     if getattr(args, "autoscale", None) is not None:
         values["autoscale"] = {"enabled": args.autoscale == "on"}
+    if getattr(args, "redis", None):
+        values["redis"] = {"url": args.redis}
     if values["workers"] is not None and values["workers"] != "auto":
         values["workers"] = int(values["workers"]) if values["workers"].isdigit() else values["workers"]
     return values

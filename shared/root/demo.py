@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import os
 import time
 from typing import Annotated, Any
 
@@ -431,3 +432,10 @@ def complete_arg1(argument: str, value: str, context: dict[str, str]) -> list[st
 
 def _json(value: Any) -> str:
     return msgspec.json.encode(value).decode()
+
+
+# -- cluster introspection (last, so the conformance fixtures keep their order) -------------------------
+@app.tool()
+async def whoami() -> int:
+    """Returns the process id of the worker that served this call (tests use it to tell workers apart)."""
+    return os.getpid()

@@ -1,0 +1,117 @@
+"""The L2 cache in Redis, shared by every host: tool results under `<prefix>cache:<key>` with their TTL,
+and one set per tag (`<prefix>tag:<tag>`) naming the keys that carry it, so tag invalidation is exact.
+
+Redis is never on the critical path of correctness or availability: every operation has a short
+timeout, a failure answers "miss" (the tool computes), and after a failure the client leaves Redis
+alone for a back-off period (with jitter) instead of paying the timeout on every call.
+Used by workers (read-through, write-behind) and by the Redis bridge (invalidation from the admin).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from typing import Any
+
+import msgspec
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+log = logging.getLogger("mcpherd.redis")
+BACKOFF_INITIAL_S = 0.5
+BACKOFF_MAX_S = 15.0
+
+
+class L2Cache:
+    def __init__(self, url: str, prefix: str, timeout: float, connect_timeout: float, max_entry_bytes: int) -> None:
+        self.client = aioredis.from_url(url, socket_timeout=timeout, socket_connect_timeout=connect_timeout,
+                                        health_check_interval=0, retry_on_timeout=False)
+        self.prefix = prefix
+        self.timeout = timeout
+        self.max_entry_bytes = max_entry_bytes
+        self.down_until = 0.0
+        self.failures = 0
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}cache:{key}"
+
+    @property
+    def available(self) -> bool:
+        return time.monotonic() >= self.down_until
+
+    async def get(self, key: str) -> Any | None:
+        if not self.available:
+            return None
+        try:
+            data = await asyncio.wait_for(self.client.get(self._key(key)), self.timeout)
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            self._failed(exc)
+            return None
+        self._succeeded()
+        return msgspec.msgpack.decode(data) if data is not None else None
+
+    async def put(self, key: str, value: Any, ttl: float, tags: tuple[str, ...]) -> None:
+        data = msgspec.msgpack.encode(value)
+        if not self.available or len(data) > self.max_entry_bytes or ttl <= 0:
+            return
+        milliseconds = max(1, int(ttl * 1000))
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.set(self._key(key), data, px=milliseconds)
+                for tag in tags:
+                    pipe.sadd(f"{self.prefix}tag:{tag}", key)
+                    pipe.pexpire(f"{self.prefix}tag:{tag}", milliseconds, gt=True)
+                await asyncio.wait_for(pipe.execute(), self.timeout)
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            self._failed(exc)
+            return
+        self._succeeded()
+
+    async def invalidate(self, key: str | None, tag: str | None, prefix: str | None, all: bool) -> bool:
+        """Delete the matching entries; False when Redis could not be reached (L1 still drops them)."""
+        if not self.available:
+            return False
+        try:
+            await asyncio.wait_for(self._invalidate(key, tag, prefix, all), max(1.0, self.timeout * 8))
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            self._failed(exc)
+            return False
+        self._succeeded()
+        return True
+
+    async def _invalidate(self, key: str | None, tag: str | None, prefix: str | None, all: bool) -> None:
+        doomed: list[str] = []
+        if key:
+            doomed.append(self._key(key))
+        if tag:
+            members = await self.client.smembers(f"{self.prefix}tag:{tag}")
+            doomed += [self._key(m.decode() if isinstance(m, bytes) else m) for m in members]
+            doomed.append(f"{self.prefix}tag:{tag}")
+        if prefix or all:
+            pattern = self._key(_glob_escape(prefix or "")) + "*"
+            async for found in self.client.scan_iter(match=pattern, count=1000):
+                doomed.append(found.decode() if isinstance(found, bytes) else found)
+        for start in range(0, len(doomed), 500):
+            await self.client.delete(*doomed[start:start + 500])
+
+    def _failed(self, exc: BaseException) -> None:
+        self.failures += 1
+        delay = min(BACKOFF_MAX_S, BACKOFF_INITIAL_S * 2 ** min(self.failures - 1, 10))
+        self.down_until = time.monotonic() + delay * random.uniform(0.5, 1.0)
+        if self.failures == 1:
+            log.warning("Redis unreachable (%s: %s): serving from L1 and computation until it returns",
+                        type(exc).__name__, exc)
+
+    def _succeeded(self) -> None:
+        if self.failures:
+            log.info("Redis reachable again")
+        self.failures = 0
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+def _glob_escape(text: str) -> str:
+    return "".join(f"\\{c}" if c in "*?[]\\" else c for c in text)

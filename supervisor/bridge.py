@@ -1,0 +1,151 @@
+"""The Redis bridge: one process per host that connects this host's cluster to the others.
+
+Why a process and not code in the master: the master's loop must never wait on the network, and it
+runs no threads. The bridge is forked like a worker, talks to the master over a control channel
+(shared/control.py: Outbound, Inbound, RemoteForward, RemoteDeliver, L2Invalidate, RedisState) and
+holds the host's single Redis subscription, so N workers cost Redis one subscriber per host.
+
+Channels (payloads msgpack):
+    <prefix>events        [origin host id, event]   every cluster event raised on any host
+    <prefix>host:<id>     [owner tag, payload]      a client's answer for a process on host <id>
+
+When Redis goes away the bridge reports it (the master logs one warning and exports
+mcpherd_redis_up 0), retries with exponential back-off and jitter, and on reconnecting reports it
+again: the master then drops every L1 cache on the host, because invalidations published while the
+subscription was down are lost (pub/sub keeps nothing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import socket
+from typing import Any
+
+import msgspec
+import redis.asyncio as aioredis
+import uvloop
+from redis.exceptions import RedisError
+
+from mcpherd.shared import control, events
+from mcpherd.shared.l2 import L2Cache
+
+log = logging.getLogger("mcpherd.redis")
+RECONNECT_INITIAL_S = 0.2
+RECONNECT_MAX_S = 10.0
+
+
+class Bridge:
+    def __init__(self, channel: socket.socket, url: str, prefix: str, host: str, timeout: float,
+                 connect_timeout: float, max_entry_bytes: int) -> None:
+        self.channel = channel
+        self.host = host
+        self.prefix = prefix
+        self.client = aioredis.from_url(url, socket_timeout=None, socket_connect_timeout=connect_timeout)
+        self.publisher = aioredis.from_url(url, socket_timeout=timeout, socket_connect_timeout=connect_timeout)
+        self.l2 = L2Cache(url, prefix, timeout, connect_timeout, max_entry_bytes)
+        self.loop = asyncio.get_running_loop()
+        self.stopping = asyncio.Event()
+        self.up: bool | None = None
+
+    async def run(self) -> None:
+        self.channel.setblocking(False)
+        self.loop.add_reader(self.channel.fileno(), self._readable)
+        listener = self.loop.create_task(self._listen())
+        await self.stopping.wait()
+        listener.cancel()
+
+    # -- Redis -> master -----------------------------------------------------------------------
+    async def _listen(self) -> None:
+        attempt = 0
+        while not self.stopping.is_set():
+            try:
+                pubsub = self.client.pubsub()
+                await pubsub.subscribe(f"{self.prefix}events", f"{self.prefix}host:{self.host}")
+                self._state(True, "subscribed")
+                attempt = 0
+                async for message in pubsub.listen():
+                    if message.get("type") == "message":
+                        self._inbound(message["channel"], message["data"])
+            except (RedisError, OSError) as exc:
+                self._state(False, f"{type(exc).__name__}: {exc}")
+            attempt += 1
+            delay = min(RECONNECT_MAX_S, RECONNECT_INITIAL_S * 2 ** min(attempt, 10))
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+
+    def _inbound(self, channel: bytes, data: bytes) -> None:
+        try:
+            first, second = msgspec.msgpack.decode(data)
+        except (msgspec.DecodeError, ValueError, TypeError):
+            return
+        if channel.endswith(b":events"):
+            if first != self.host:  # our own events are already in our ring
+                control.send(self.channel, control.Inbound(second))
+        else:
+            control.send(self.channel, control.RemoteDeliver(first, second))
+
+    def _state(self, up: bool, detail: str) -> None:
+        if up != self.up:
+            self.up = up
+            control.send(self.channel, control.RedisState(up, detail))
+
+    # -- master -> Redis -----------------------------------------------------------------------
+    def _readable(self) -> None:
+        while True:
+            try:
+                received = control.receive(self.channel)
+            except BlockingIOError:
+                return
+            except (ValueError, OSError):
+                return
+            if received is None or isinstance(received[0], control.Stop):
+                self.loop.remove_reader(self.channel.fileno())
+                self.stopping.set()
+                return
+            self.loop.create_task(self._handle(received[0]))
+
+    async def _handle(self, message: Any) -> None:
+        if isinstance(message, control.Outbound):
+            await self._publish(f"{self.prefix}events", [self.host, message.event])
+        elif isinstance(message, control.RemoteForward):
+            await self._publish(f"{self.prefix}host:{message.host}", [message.owner, message.payload])
+        elif isinstance(message, control.L2Invalidate):
+            event = events.decode(message.event)
+            ok = await self.l2.invalidate(event.key, event.tag_, event.prefix, event.all)
+            control.send(self.channel, control.L2Done(message.request_id, ok))
+
+    async def _publish(self, channel: str, payload: list[Any]) -> None:
+        try:
+            await self.publisher.publish(channel, msgspec.msgpack.encode(payload))
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            log.debug("publish to %s failed: %s", channel, exc)  # the subscriber reports the outage
+
+
+def run(channel: socket.socket, url: str, prefix: str, host: str, timeout: float, connect_timeout: float,
+        max_entry_bytes: int) -> int:
+    async def main() -> None:
+        await Bridge(channel, url, prefix, host, timeout, connect_timeout, max_entry_bytes).run()
+
+    uvloop.run(main())
+    return 0
+
+
+def agree_on_secret(url: str, prefix: str, connect_timeout: float) -> bytes | None:
+    """The cluster secret every host shares: the first host to start sets it, the others read it."""
+    import os
+
+    import redis
+
+    client = redis.Redis.from_url(url, socket_timeout=connect_timeout, socket_connect_timeout=connect_timeout)
+    try:
+        key = f"{prefix}secret"
+        client.set(key, os.urandom(32).hex(), nx=True)
+        value = client.get(key)
+        return bytes.fromhex(value.decode()) if value else None
+    except (RedisError, OSError, ValueError) as exc:
+        log.warning("cannot agree on the cluster secret through Redis (%s): sessions and request states "
+                    "are valid on this host only until it restarts with Redis reachable", exc)
+        return None
+    finally:
+        client.close()

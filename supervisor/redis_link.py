@@ -1,0 +1,157 @@
+"""The master's side of the Redis bridge: keeps the bridge process alive and routes its messages.
+
+Without a Redis URL none of this runs and the cluster is one host. With one, every event raised on
+this host goes out (Outbound), every event from another host comes into this host's ring (Inbound,
+never sent out again), answers for processes on other hosts travel through their host channel, and
+the bridge's view of Redis (up or down) becomes a log line on each change and mcpherd_redis_up.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import logging
+import os
+import selectors
+import signal
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from mcpherd.shared import control, events
+from mcpherd.supervisor import bridge
+from mcpherd.supervisor.spawn import fork_bridge
+
+if TYPE_CHECKING:
+    from mcpherd.supervisor.master import Master
+
+log = logging.getLogger("mcpherd.master")
+RESPAWN_DELAY_S = 1.0
+
+
+class RedisLink:
+    def __init__(self, master: Master, host: str) -> None:
+        self.master = master
+        self.host = host
+        self.config = master.config.redis
+        self.pid = 0
+        self.channel: Any = None
+        self.up = False
+        self.was_down = False
+        self.respawn_at = 0.0
+        self.ids = itertools.count(1)
+        self.l2_waiters: dict[int, Callable[[bool], None]] = {}
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.config.url)
+
+    def start(self) -> None:
+        master_end, bridge_end = control.channel()
+        from mcpherd.supervisor.master import _log_fds
+
+        run = functools.partial(bridge.run, bridge_end, self.config.url, self.config.key_prefix, self.host,
+                                self.config.socket_timeout, self.config.connect_timeout, self.config.max_entry_bytes)
+        self.pid = fork_bridge(bridge_end, frozenset(_log_fds()), run)
+        bridge_end.close()
+        self.channel = master_end
+        self.master.selector.register(master_end, selectors.EVENT_READ, self._readable)
+        log.info("redis bridge %d started (host id %s)", self.pid, self.host)
+
+    def tick(self, now: float) -> None:
+        if self.enabled and not self.pid and not self.master.stopping_since and now >= self.respawn_at:
+            self.start()
+
+    def reaped(self, pid: int, how: str) -> bool:
+        if pid != self.pid or not pid:
+            return False
+        log.error("redis bridge %d exited (%s); restarting it in %gs", pid, how, RESPAWN_DELAY_S)
+        self._close_channel()
+        self.pid = 0
+        self.respawn_at = time.monotonic() + RESPAWN_DELAY_S
+        self._set_up(False, "bridge restarting")
+        for answer in self.l2_waiters.values():
+            answer(False)
+        self.l2_waiters.clear()
+        return True
+
+    def stop(self) -> None:
+        if self.pid and self.channel is not None and not control.send(self.channel, control.Stop()):
+            try:
+                os.kill(self.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    # -- outgoing ------------------------------------------------------------------------------
+    def outbound(self, payload: bytes) -> None:
+        if self.channel is not None:
+            control.send(self.channel, control.Outbound(payload))
+
+    def forward(self, owner: str, payload: bytes) -> bool:
+        """An answer for a process on another host (its tag starts with that host's id)."""
+        host = owner[:8]
+        if self.channel is None or host == self.host:
+            return False
+        return control.send(self.channel, control.RemoteForward(host, owner, payload))
+
+    def invalidate_l2(self, event: events.Invalidate, answer: Callable[[bool], None]) -> None:
+        """Delete the shared L2 entries first, so no host refills its L1 from them afterwards."""
+        if self.channel is None or not self.up:
+            answer(False)
+            return
+        request_id = next(self.ids)
+        self.l2_waiters[request_id] = answer
+        if not control.send(self.channel, control.L2Invalidate(request_id, events.encode(event))):
+            self.l2_waiters.pop(request_id)(False)
+
+    # -- incoming ------------------------------------------------------------------------------
+    def _readable(self) -> None:
+        while self.channel is not None:
+            try:
+                received = control.receive(self.channel)
+            except BlockingIOError:
+                return
+            except (ValueError, OSError) as exc:
+                log.error("redis bridge channel: %s", exc)
+                return
+            if received is None:
+                self._close_channel()
+                return
+            self._dispatch(received[0])
+
+    def _dispatch(self, message: Any) -> None:
+        bus = self.master.bus
+        if isinstance(message, control.Inbound):
+            bus.publish_remote(message.event)
+        elif isinstance(message, control.RemoteDeliver):
+            bus.deliver(message.owner, message.payload)
+        elif isinstance(message, control.L2Done):
+            answer = self.l2_waiters.pop(message.request_id, None)
+            if answer is not None:
+                answer(message.ok)
+        elif isinstance(message, control.RedisState):
+            self._set_up(message.up, message.detail)
+
+    def _set_up(self, up: bool, detail: str) -> None:
+        if up == self.up:
+            return
+        self.up = up
+        if not up:
+            self.was_down = True
+            log.warning("Redis is unreachable (%s): cache, invalidations and sessions are host-local until "
+                        "it returns; tool calls go on", detail)
+            return
+        log.info("Redis is reachable (%s)", detail)
+        if self.was_down:
+            # Invalidations published while we were not subscribed are lost: start every L1 cold.
+            log.info("resynchronising after the Redis outage: dropping every cached result on this host")
+            self.master.bus.publish_local(events.Invalidate(all=True))
+
+    def _close_channel(self) -> None:
+        if self.channel is not None:
+            try:
+                self.master.selector.unregister(self.channel)
+            except (KeyError, ValueError):
+                pass
+            self.channel.close()
+            self.channel = None
