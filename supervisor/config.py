@@ -25,6 +25,13 @@ stays). Example:
     key_prefix = "mcpherd:"
     socket_timeout = 0.25
 
+    [alerts]                    # logged once when they fire or clear; mcpherd_alert_active{alert}
+    cpu_percent = 85
+    memory_percent = 90
+    p99_s = 5
+    error_rate = 0.05
+    cache_hit_ratio = 0.70
+
     [autoscale]                 # off unless enabled: a fixed count is what `workers` says
     enabled = false
     min_workers = 2
@@ -44,6 +51,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from mcpherd.supervisor.alerts import AlertThresholds
 from mcpherd.supervisor.autoscale import AutoscalePolicy
 
 
@@ -110,6 +118,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     restart: Restart = msgspec.field(default_factory=Restart)
     autoscale: Autoscale = msgspec.field(default_factory=Autoscale)
     redis: Redis = msgspec.field(default_factory=Redis)
+    alerts: AlertThresholds = msgspec.field(default_factory=AlertThresholds)
 
     def __post_init__(self) -> None:
         if not self.bind:

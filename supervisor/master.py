@@ -34,6 +34,7 @@ from mcpherd.supervisor.admin import AdminServer, AlreadyRunning
 from mcpherd.supervisor.bus import Bus
 from mcpherd.supervisor.commands import Commands
 from mcpherd.supervisor.config import Config, ConfigError, load, parse_bind
+from mcpherd.supervisor.dashboard import Observer
 from mcpherd.supervisor.metrics import ClusterMetrics, LiveLane, MetricsServer
 from mcpherd.supervisor.slots import Proc, Slot, State
 from mcpherd.supervisor import bridge
@@ -85,6 +86,7 @@ class Master:
         self.admin: AdminServer | None = None
         self.metrics: ClusterMetrics | None = None
         self.metrics_server: MetricsServer | None = None
+        self.observer: Observer | None = None
         self.sampled_at = 0.0
         self.notifier = Notifier()
         self.host_id = os.urandom(4).hex()  # names this host's processes in ids other hosts route by
@@ -147,10 +149,13 @@ class Master:
             raise ConfigError(str(exc)) from None
 
     def _serve_metrics(self) -> None:
+        self.metrics = ClusterMetrics(self)  # folds retired workers' counters even when not served
+        self.observer = Observer(self)
         if self.config.metrics_bind == "off":
             return
-        self.metrics = ClusterMetrics(self)
-        self.metrics_server = MetricsServer(parse_bind(self.config.metrics_bind), {"/metrics": self.metrics.scrape})
+        routes = {"/metrics": self.metrics.scrape, "/": self.observer.page, "/feed.json": self.observer.feed}
+        self.metrics_server = MetricsServer(parse_bind(self.config.metrics_bind), routes)
+        self.metrics_server.stream_routes["/events"] = self.observer.feed
         try:
             self.metrics_server.listen(self.upgrade.inherited_socket("metrics"))
         except OSError as exc:
@@ -173,6 +178,17 @@ class Master:
     def scale_events(self) -> dict[str, int]:
         return dict(self.scale_events_count)
 
+    def alerts_active(self) -> dict[str, str]:
+        return dict(self.observer.active) if self.observer is not None else {}
+
+    def cluster_totals(self) -> metrics.Totals:
+        assert self.metrics is not None
+        return self.metrics.totals(self.live_lanes())
+
+    def timeline(self, kind: str, text: str) -> None:
+        if self.observer is not None:
+            self.observer.record(kind, text)
+
     def redis_up(self) -> bool | None:
         return self.redis.up if self.redis.enabled else None
 
@@ -192,6 +208,10 @@ class Master:
         self.sampled_at = now
         self.rates.update([p for p in self.processes() if p.state is not State.EXITED], now)
         self.redis.tick(now)
+        if self.observer is not None:
+            self.observer.tick(status.build(self))
+            if self.metrics_server is not None and self.metrics_server.streams:
+                self.metrics_server.broadcast(self.observer.snapshot)
         self._tell_systemd(now)
         if self.config.autoscale.enabled and not self.stopping_since:
             self.autoscale(now)
@@ -220,6 +240,7 @@ class Master:
             self.scale_events_count[decision.direction] += 1
             self.last_decision = {"at": time.time(), "direction": decision.direction, "reason": decision.reason}
             log.info("autoscale %s to %d workers: %s", decision.direction, decision.target, decision.reason)
+            self.timeline("autoscale", f"{decision.direction} to {decision.target}: {decision.reason}")
             self.set_target(decision.target, f"autoscale: {decision.reason}")
 
     # -- what the status document needs --------------------------------------------------------
@@ -240,6 +261,9 @@ class Master:
 
     def metrics_retired_requests(self) -> int:
         return self.metrics.retired.counters["http_requests"] if self.metrics is not None else 0
+
+    def alerts_status(self) -> list[dict[str, str]]:
+        return [{"alert": name, "reason": why} for name, why in self.alerts_active().items()]
 
     def cache_totals(self) -> tuple[int, int]:
         counters = self._totals()
@@ -324,6 +348,7 @@ class Master:
         count = max(1, min(count, self.max_slots))
         if count != self.target:
             log.info("target workers %d -> %d (%s)", self.target, count, why)
+            self.timeline("scale", f"{self.target} -> {count} workers ({why})")
         self.target = count
         wanted = [s for s in self.slots if s.wanted]
         for slot in [s for s in self.slots if not s.wanted][: max(0, count - len(wanted))]:
@@ -351,6 +376,7 @@ class Master:
         self.reloads += 1
         self.reload_failed = ""
         log.info("reloading: starting generation %d", self.generation)
+        self.timeline("reload", f"generation {self.generation} starting")
         self._title()
 
     def stop(self, graceful: bool) -> None:
@@ -465,6 +491,7 @@ class Master:
             reason = proc.stop_reason
         slot.died_at = now
         slot.restarts_total += 1
+        self.timeline("restart", f"slot {slot.index}: worker {proc.pid} died ({reason})")
         slot.last_restart_reason = reason
         policy.record_restart(slot.restarts, now, self.config.restart.window_s)
         intensity = policy.Intensity(self.config.restart.max_restarts, self.config.restart.window_s,
@@ -484,6 +511,7 @@ class Master:
         if proc.generation > (slot.current.generation if slot.current else 0):
             self.reload_failed = f"generation {proc.generation} did not start: {why}"
             log.error("reload failed, generation %d keeps serving: %s", self.generation - 1, self.reload_failed)
+            self.timeline("reload", f"failed: {self.reload_failed}")
             self.generation -= 1  # the running generation is the previous one again
             self.notifier.ready(f"reload failed: {why}")
             for other in self.slots:

@@ -35,6 +35,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.utils import floatToGoString
 
 from mcpherd.shared import layout
+from mcpherd.supervisor.alerts import ALERTS
 from mcpherd.shared.metrics import (METHODS, OTHER_TOOL, OUTCOMES, PROPAGATION_BOUNDS, REQUEST_BOUNDS, Histogram,
                                     Totals, gauges, snapshot, tool_slots)
 from mcpherd.supervisor.metrics_http import MetricsServer, Reply, Route
@@ -59,6 +60,7 @@ class Cluster(Protocol):
     def scale_events(self) -> dict[str, int]: ...
     def restart_latency_s(self) -> float: ...
     def redis_up(self) -> bool | None: ...  # None: no Redis configured
+    def alerts_active(self) -> dict[str, str]: ...
 
 
 class ClusterMetrics:
@@ -127,6 +129,11 @@ class ClusterMetrics:
         for direction, count in sorted(self.cluster.scale_events().items()):
             scale.add_metric([direction], count)
         yield scale
+        active = self.cluster.alerts_active()
+        alert = GaugeMetricFamily("mcpherd_alert_active", "1 while the alert is firing.", labels=["alert"])
+        for name in ALERTS:
+            alert.add_metric([name], 1 if name in active else 0)
+        yield alert
         redis_up = self.cluster.redis_up()
         if redis_up is not None:
             yield GaugeMetricFamily("mcpherd_redis_up", "1 while this host's Redis subscription is live.",

@@ -37,12 +37,14 @@ _REASONS = {s.value: s.phrase for s in HTTPStatus}
 MAX_REQUEST_BYTES = 16384  # a scrape is one GET line and a few headers
 MAX_PIPELINED = 4  # answers queued per client; more means a client flooding the master loop
 ACCEPTS_PER_TURN = 16
+MAX_STREAM_BACKLOG = 1 << 20
 
 
 class _Client:
     """One connection: an httptools parser fed from recv and the bytes still to send."""
 
-    __slots__ = ("sock", "parser", "url", "outbox", "queued", "received", "closing", "deadline", "on_request")
+    __slots__ = ("sock", "parser", "url", "outbox", "queued", "received", "closing", "deadline", "on_request",
+                 "streaming")
 
     def __init__(self, sock: socket.socket, deadline: float, on_request: Callable[[_Client], None]) -> None:
         self.sock = sock
@@ -54,6 +56,7 @@ class _Client:
         self.closing = False  # close once the outbox is sent
         self.deadline = deadline
         self.on_request = on_request
+        self.streaming = False  # an SSE viewer: the response never ends, broadcast() appends to it
 
     def on_message_begin(self) -> None:
         self.url = b""
@@ -81,6 +84,9 @@ class MetricsServer:
         self.selector: selectors.BaseSelector | None = None
         self.accepting = False
         self.clients: dict[int, _Client] = {}  # fd -> client
+        self.stream_routes: dict[str, Route] = {}  # path -> first event of a server-sent event stream
+        self.streams: set[_Client] = set()
+        self.max_streams = 64
 
     def listen(self, inherited: socket.socket | None = None) -> tuple[str, int]:
         """Bind (or adopt a listener handed over by a previous master); the address actually bound."""
@@ -162,6 +168,8 @@ class MetricsServer:
             self._drop(client)
             return
         client.received += len(data)
+        if client.streaming:
+            return  # a viewer has nothing more to say; only its disconnect matters
         try:
             client.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -180,6 +188,9 @@ class MetricsServer:
         except httptools.HttpParserInvalidURLError:
             self._fail(client, 400)
             return
+        if path in self.stream_routes and method == b"GET" and len(self.streams) < self.max_streams:
+            self._start_stream(client, self.stream_routes[path])
+            return
         route = self.routes.get(path)
         if route is None:
             reply = _text(404)
@@ -188,6 +199,25 @@ class MetricsServer:
         else:
             reply = _call(route)
         self._queue(client, reply, keep_alive, head=method == b"HEAD")
+
+    def _start_stream(self, client: _Client, first: Route) -> None:
+        reply = _call(first)
+        client.outbox += (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
+                          b"X-Accel-Buffering: no\r\nConnection: close\r\n\r\n") + _event(reply.body)
+        client.streaming = True
+        client.deadline = float("inf")
+        self.streams.add(client)
+
+    def broadcast(self, data: bytes) -> None:
+        """One event to every stream viewer; the payload is computed once, whatever their number.
+        A viewer more than MAX_STREAM_BACKLOG behind is dropped rather than buffered without bound."""
+        frame = _event(data)
+        for client in list(self.streams):
+            if len(client.outbox) > MAX_STREAM_BACKLOG:
+                self._drop(client)
+                continue
+            client.outbox += frame
+            self._flush(client)
 
     def _fail(self, client: _Client, status: int) -> None:
         if not client.closing:
@@ -208,7 +238,7 @@ class MetricsServer:
                 self._drop(client)
                 return
             del client.outbox[:sent]
-            if not client.outbox:
+            if not client.outbox and not client.streaming:
                 client.queued = 0
                 client.deadline = self.clock() + self.timeout_s  # the keep-alive idle allowance
         if not client.outbox and client.closing:
@@ -220,6 +250,7 @@ class MetricsServer:
             self.selector.modify(client.sock, events, lambda c=client: self._ready(c))
 
     def _drop(self, client: _Client) -> None:
+        self.streams.discard(client)
         if self.clients.pop(client.sock.fileno(), None) is None:
             return
         if self.selector is not None:
@@ -233,6 +264,10 @@ def _call(route: Route) -> Reply:
     except Exception:  # a failing collector must not take the master loop down with it
         log.exception("metrics: route failed")
         return _text(500)
+
+
+def _event(data: bytes) -> bytes:
+    return b"data: " + data + b"\n\n"
 
 
 def _text(status: int) -> Reply:

@@ -105,6 +105,7 @@ def build(master: Master) -> dict[str, Any]:
             "listen": {"overflows": master.listen_overflows, "drops": master.listen_drops},
             "reloads": master.reloads, "reload_failed": master.reload_failed or None,
             "upgrade_failed": master.upgrade.failed or None,
+            "alerts": master.alerts_status(),
         },
         "workers": workers,
         "totals": {

@@ -57,6 +57,9 @@ class FakeCluster:
     def redis_up(self) -> bool | None:
         return None
 
+    def alerts_active(self) -> dict[str, str]:
+        return {}
+
 
 def test_layout_fits_in_the_cell_metrics_words() -> None:
     assert metrics.METRICS_WORDS <= layout.WORDS - layout.METRICS_BASE

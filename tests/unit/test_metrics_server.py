@@ -49,6 +49,9 @@ class FakeCluster:
     def redis_up(self) -> bool | None:
         return None
 
+    def alerts_active(self) -> dict[str, str]:
+        return {}
+
 
 @dataclass
 class Served:
