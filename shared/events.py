@@ -95,7 +95,7 @@ class Ring:
 
     def read(self, after: int, upto: int) -> tuple[list[tuple[int, int, bytes]], bool]:
         """Entries (seq, published_ns, payload) in (after, upto]; False if some were overwritten."""
-        entries = []
+        entries: list[tuple[int, int, bytes]] = []
         for seq in range(max(after + 1, upto - RING_ENTRIES + 1), upto + 1):
             offset = RING_HEADER + (seq % RING_ENTRIES) * ENTRY_SIZE
             found, published, length = _ENTRY.unpack_from(self.ring, offset)

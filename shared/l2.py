@@ -50,7 +50,7 @@ class L2Cache:
             self._failed(exc)
             return None
         self._succeeded()
-        return msgspec.msgpack.decode(data) if data is not None else None
+        return msgspec.msgpack.decode(data) if isinstance(data, bytes) else None
 
     async def put(self, key: str, value: Any, ttl: float, tags: tuple[str, ...]) -> None:
         data = msgspec.msgpack.encode(value)

@@ -142,7 +142,8 @@ def agree_on_secret(url: str, prefix: str, connect_timeout: float) -> bytes | No
         key = f"{prefix}secret"
         client.set(key, os.urandom(32).hex(), nx=True)
         value = client.get(key)
-        return bytes.fromhex(value.decode()) if value else None
+        text = value.decode() if isinstance(value, bytes) else value
+        return bytes.fromhex(text) if text else None
     except (RedisError, OSError, ValueError) as exc:
         log.warning("cannot agree on the cluster secret through Redis (%s): sessions and request states "
                     "are valid on this host only until it restarts with Redis reachable", exc)

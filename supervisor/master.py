@@ -428,7 +428,7 @@ class Master:
     def worker_config(self, slot: Slot, lane: int, generation: int) -> WorkerConfig:
         c = self.config
         return WorkerConfig(app=c.app, slot=slot.index, lane=lane, generation=generation, secret=self.secret,
-                            host=self.host_id, redis=c.redis,
+                            host=self.host_id, redis=c.redis, metrics=c.metrics_bind != "off",
                             tool_threads=c.tool_threads, graceful_timeout=c.graceful_timeout,
                             allowed_hosts=list(c.allowed_hosts), allowed_origins=list(c.allowed_origins))
 
@@ -448,6 +448,10 @@ class Master:
 
     # -- reaping -------------------------------------------------------------------------------
     def reap(self) -> None:
+        # A signal sent to the whole group (Ctrl-C, killpg, systemd's KillMode) reaches the workers
+        # too: act on it before their exits, or they would look like deaths to restart.
+        self._read_signals()
+        self.dispatch_signals()
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)

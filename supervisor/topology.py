@@ -51,8 +51,8 @@ def placement(topology: list[Cpu], allowed: set[int]) -> list[int]:
     for cpu in sorted(topology, key=lambda c: c.cpu):
         if cpu.cpu in allowed:
             by_core.setdefault((cpu.package, cpu.core), []).append(cpu.cpu)
-    for cpu in sorted(allowed - known):  # no topology (containers without sysfs): one core each
-        by_core[(-1, cpu)] = [cpu]
+    for number in sorted(allowed - known):  # no topology (containers without sysfs): one core each
+        by_core[(-1, number)] = [number]
     cores = sorted(by_core.values(), key=lambda threads: threads[0])
     order: list[int] = []
     depth = max((len(threads) for threads in cores), default=0)

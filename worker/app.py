@@ -7,7 +7,6 @@ request path does no reflection.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import inspect
 import re

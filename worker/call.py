@@ -37,7 +37,7 @@ class Call:
         self.request = request
         self.message = message
         self.params = message.params
-        self.request_id = message.id
+        self.request_id: rpc.RequestId | None = message.id if isinstance(message.id, (int, str)) else None
         self.protocol_version = version
         self.modern = session is None
         self.session = session

@@ -52,6 +52,7 @@ class WorkerConfig:
     generation: int = 1
     host: str = "00000000"  # the master's host id: ids other hosts route by start with it
     redis: Any = None  # supervisor.config.Redis when hosts share Redis
+    metrics: bool = True  # record metrics in shared memory (off with --metrics-bind off)
     secret: bytes = b""
     path: str = "/mcp"
     tool_threads: int = 32
@@ -141,7 +142,7 @@ class Worker:
         )
         self.cluster = Cluster(self, channel, segment, tag)
         self.endpoint.cluster = self.cluster
-        self.recorder = Recorder(cell, list(app.tools)) if cell is not None else None
+        self.recorder = Recorder(cell, list(app.tools)) if cell is not None and config.metrics else None
         self.endpoint.recorder = self.recorder
         if self.recorder is not None:
             self.cluster.on_propagation = self.recorder.propagation
@@ -155,11 +156,12 @@ class Worker:
         """Every HTTP request: counted, timed (the busy ratio), and recorded when no Call did it."""
         started = time.perf_counter_ns()
         result = self.endpoint.handle(request)
+        if self.cell is not None:  # recycling and the autoscaler need these even without metrics
+            self.cell.add(layout.F_REQUESTS)
+            self.cell.add(layout.F_BUSY_NS, time.perf_counter_ns() - started)
         recorder = self.recorder
         if recorder is None:
             return result
-        self.cell.add(layout.F_REQUESTS)  # type: ignore[union-attr]
-        recorder.busy(time.perf_counter_ns() - started)
         if not request.counted and request.method == "POST":
             if isinstance(result, Response):
                 recorder.request(_method_of(request, result), _ok(result), (time.perf_counter_ns() - started) / 1e9)

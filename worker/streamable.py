@@ -170,7 +170,8 @@ class Endpoint:
             return rpc_error(400, rpc.INVALID_PARAMS, "Invalid params: expected an object", message.id)
         requested = params.get("protocolVersion")
         version = requested if requested in HANDSHAKE_VERSIONS else LATEST_HANDSHAKE
-        capabilities = params.get("capabilities") if isinstance(params.get("capabilities"), dict) else {}
+        offered = params.get("capabilities")
+        capabilities: dict[str, Any] = offered if isinstance(offered, dict) else {}
         session = self.sessions.create(version, capabilities, request.header("authorization"),
                                        params.get("clientInfo") or {})
         result: dict[str, Any] = {
@@ -180,7 +181,7 @@ class Endpoint:
         }
         if self.methods.app.instructions:
             result["instructions"] = self.methods.app.instructions
-        return Response.json(200, rpc.response(message.id, result), [("mcp-session-id", session.token)])
+        return Response.json(200, rpc.response(_id_of(message), result), [("mcp-session-id", session.token)])
 
     def _dispatch(self, request: Request, session: Session, message: rpc.Message) -> ResponseLike | Awaitable[ResponseLike]:
         if not message.is_request:
@@ -189,7 +190,7 @@ class Endpoint:
         method = message.method
         handler = self.methods.table.get(method) or self.methods.handshake_only.get(method)  # type: ignore[arg-type]
         if handler is None:
-            return Response.json(200, rpc.error(message.id, rpc.METHOD_NOT_FOUND, f"Method not found: {method}"),
+            return Response.json(200, rpc.error(_id_of(message), rpc.METHOD_NOT_FOUND, f"Method not found: {method}"),
                                  self._session_headers(session))
         meta = _meta_of(message)
         call = Call(self, request, message, session.protocol_version, session, meta)
@@ -247,9 +248,9 @@ class Endpoint:
             return
         if message.method == "notifications/cancelled" and message.params is not msgspec.UNSET:
             params = msgspec.json.decode(message.params)
-            request_id = params.get("requestId") if isinstance(params, dict) else None
+            cancelled_id = params.get("requestId") if isinstance(params, dict) else None
             # Only ids can name a request; anything else (a list, an object) is not hashable either.
-            call = self.inflight.get((session.token, request_id)) if isinstance(request_id, (str, int)) else None
+            call = self.inflight.get((session.token, cancelled_id)) if isinstance(cancelled_id, (str, int)) else None
             if call is not None:
                 call.cancelled.set()
                 if call.task is not None:

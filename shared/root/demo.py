@@ -357,9 +357,11 @@ def weather(city: str) -> Forecast:
 async def refresh_weather(city: str = "") -> str:
     """Drops cached forecasts on every worker (one city, or all of them); returns once all applied it."""
     if city:
-        await app.invalidate(key=cache_key("weather", _json({"city": city}).encode()))
+        acknowledged = await app.invalidate(key=cache_key("weather", _json({"city": city}).encode()))
     else:
-        await app.invalidate(tag="weather")
+        acknowledged = await app.invalidate(tag="weather")
+    if not acknowledged:
+        raise ToolError("the invalidation was not acknowledged by every worker in time")
     return f"forecasts invalidated: {city or 'all'}"
 
 
