@@ -226,7 +226,7 @@ class HttpConnection(asyncio.Protocol):
         elif isinstance(result, Response) or hasattr(result, "attach"):
             self._complete(entry, request, result)  # type: ignore[arg-type]
         else:
-            future = asyncio.ensure_future(result)  # type: ignore[arg-type]
+            future = asyncio.ensure_future(result)
             future.add_done_callback(lambda f: self._complete(entry, request, _task_result(f)))
 
     # -- responses -----------------------------------------------------------------------------

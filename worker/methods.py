@@ -376,7 +376,7 @@ class Methods:
         context_args = params.context.arguments if params.context and params.context.arguments else {}
         values = completer(params.argument.name, params.argument.value, context_args) if completer else []
         if hasattr(values, "__await__"):
-            return _then(values, completion_result)  # type: ignore[arg-type]
+            return _then(values, completion_result)
         return completion_result(values)
 
 

@@ -110,7 +110,7 @@ class ModernEndpoint:
 
     def _ladder(self, request: Request, message: rpc.Message, header_version: str) -> Envelope:
         try:
-            envelope = rpc.decode_params(message.params, _envelope)
+            envelope: Envelope = rpc.decode_params(message.params, _envelope)
         except rpc.RpcError:
             raise rpc.RpcError(rpc.INVALID_PARAMS, "Invalid params: params must be an object") from None
         meta = envelope.meta
@@ -121,7 +121,7 @@ class ModernEndpoint:
                                "mcp-protocol-version header does not match the request envelope's protocol version")
         if _ows(request.headers.get("mcp-method")) != message.method:
             raise rpc.RpcError(rpc.HEADER_MISMATCH, "mcp-method header does not match the request body's method")
-        name_key = NAME_PARAM.get(message.method)  # type: ignore[arg-type]
+        name_key = NAME_PARAM.get(str(message.method))
         if name_key is not None:
             body_value = getattr(envelope, name_key)
             if body_value is not None and decode_header_value(_ows(request.headers.get("mcp-name"))) != body_value:

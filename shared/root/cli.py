@@ -92,6 +92,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # usage errors exit 2 (argparse)
     if args.command == "serve":
         return serve(args)
-    from mcpherd.ctl import run
+    from mcpherd.ctl import run as run_command
 
-    return run(args)
+    return int(run_command(args))
