@@ -16,8 +16,9 @@ import ctypes
 import logging
 import os
 import socket
-import struct
 from dataclasses import dataclass, field
+
+from mcpherd.shared.netstat import accept_queue_length, listen_drops  # noqa: F401 - re-exported
 
 log = logging.getLogger("mcpherd.master")
 
@@ -139,22 +140,3 @@ def inherited_groups(value: str) -> list[ListenerGroup]:
             group.sockets.append(sock)
         groups.append(group)
     return groups
-
-
-def accept_queue_length(sock: socket.socket) -> int:
-    """Connections waiting in a listening socket's accept queue (TCP_INFO tcpi_unacked)."""
-    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
-    return int(struct.unpack_from("I", info, 24)[0])
-
-
-def listen_drops(path: str = "/proc/net/netstat") -> tuple[int, int]:
-    """(ListenOverflows, ListenDrops) for this network namespace, from TcpExt."""
-    try:
-        lines = open(path).read().splitlines()
-    except OSError:
-        return 0, 0
-    for names, values in zip(lines[::2], lines[1::2]):
-        if names.startswith("TcpExt:"):
-            table = dict(zip(names.split()[1:], values.split()[1:]))
-            return int(table.get("ListenOverflows", 0)), int(table.get("ListenDrops", 0))
-    return 0, 0

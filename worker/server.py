@@ -27,6 +27,7 @@ from mcpherd.shared.l2 import L2Cache
 from mcpherd.worker.cache import ResultCache
 from mcpherd.worker.cluster import Cluster
 from mcpherd.shared.metrics import Recorder
+from mcpherd.shared.netstat import accept_queue_length
 from mcpherd.worker.http import HttpConnection, Response
 from mcpherd.worker.invoke import Invoker
 from mcpherd.worker.limits import HttpLimits
@@ -260,8 +261,6 @@ class Worker:
 
     async def _empty_accept_queues(self) -> None:
         """Retiring: new connections are already steered elsewhere; serve what is queued here."""
-        from mcpherd.supervisor.sockets import accept_queue_length
-
         quiet_checks = 0
         deadline = self.loop.time() + self.config.graceful_timeout
         while quiet_checks < 3 and self.loop.time() < deadline:
