@@ -164,7 +164,8 @@ class ModernEndpoint:
             return self.listen(call)
         handler = self.endpoint.methods.table.get(method)
         if handler is None:
-            return rpc_error(404, rpc.METHOD_NOT_FOUND, f"Method not found: {method}", message.id)
+            call.record(False)
+            return rpc_error(404, rpc.METHOD_NOT_FOUND, f"Method not found: {method}", call.request_id)
         return self.endpoint.run(call, handler)
 
     def discover(self) -> dict[str, Any]:

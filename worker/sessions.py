@@ -111,14 +111,17 @@ class SessionStore:
         self.revoked: dict[bytes, float] = {}  # nonce -> when the token expires anyway
         self.log_levels: dict[str, str] = {}  # token -> level, cluster-wide
         self.subscriptions: dict[str, set[str]] = {}  # token -> resource URIs, cluster-wide
-        self._counter = 0
+        # A worker replacing a dead one in the same lane has the same tag, and ids must never repeat within
+        # a session (a resumption would replay another stream): start past any id a predecessor can have
+        # issued, i.e. at one id per microsecond of wall-clock time, far above any real rate.
+        self._counter = time.time_ns() // 1000
         self._next_table_prune = 0.0
 
     def next_id(self, kind: str) -> str:
         """Ids that name this worker as their owner: streams (s), GET streams (g), requests (r).
 
-        `<tag>-<kind><n>`, e.g. `w3a-s17`: the cluster routes anything addressed to an id that is
-        not ours (a client's answer, a resumption) to the process named by the tag.
+        `<tag>-<kind><n>`, e.g. `w3a-s1795239161827786`: the cluster routes anything addressed to an
+        id that is not ours (a client's answer, a resumption) to the process named by the tag.
         """
         self._counter += 1
         return f"{self.worker_tag}-{kind}{self._counter}"
