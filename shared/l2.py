@@ -62,6 +62,8 @@ class L2Cache:
                 pipe.set(self._key(key), data, px=milliseconds)
                 for tag in tags:
                     pipe.sadd(f"{self.prefix}tag:{tag}", key)
+                    # GT alone never sets a TTL on a new set (no TTL counts as infinite): NX sets the first.
+                    pipe.pexpire(f"{self.prefix}tag:{tag}", milliseconds, nx=True)
                     pipe.pexpire(f"{self.prefix}tag:{tag}", milliseconds, gt=True)
                 await asyncio.wait_for(pipe.execute(), self.timeout)
         except (RedisError, OSError, asyncio.TimeoutError) as exc:
@@ -101,8 +103,10 @@ class L2Cache:
         delay = min(BACKOFF_MAX_S, BACKOFF_INITIAL_S * 2 ** min(self.failures - 1, 10))
         self.down_until = time.monotonic() + delay * random.uniform(0.5, 1.0)
         if self.failures == 1:
-            log.warning("Redis unreachable (%s: %s): serving from L1 and computation until it returns",
-                        type(exc).__name__, exc)
+            # Info, not a warning: the host's one warning per outage is the master's (redis_link.py),
+            # which N workers repeating it would drown.
+            log.info("L2 cache unreachable from this worker (%s: %s): serving from L1 and computation",
+                     type(exc).__name__, exc)
 
     def _succeeded(self) -> None:
         if self.failures:

@@ -34,6 +34,8 @@ from mcpherd.shared.l2 import L2Cache
 log = logging.getLogger("mcpherd.redis")
 RECONNECT_INITIAL_S = 0.2
 RECONNECT_MAX_S = 10.0
+HEALTH_INTERVAL_S = 1.0  # PING the subscription this often
+HEALTH_TIMEOUT_S = 3.0  # a subscription that heard nothing (not even a PONG) for this long is dead
 
 
 class Bridge:
@@ -60,19 +62,37 @@ class Bridge:
     async def _listen(self) -> None:
         attempt = 0
         while not self.stopping.is_set():
+            pubsub = self.client.pubsub()
             try:
-                pubsub = self.client.pubsub()
                 await pubsub.subscribe(f"{self.prefix}events", f"{self.prefix}host:{self.host}")
+                self.l2.down_until = 0.0  # Redis answers again: the resynchronisation's L2 flush must not wait
                 self._state(True, "subscribed")
                 attempt = 0
-                async for message in pubsub.listen():
-                    if message.get("type") == "message":
-                        self._inbound(message["channel"], message["data"])
+                await self._receive(pubsub)
             except (RedisError, OSError) as exc:
                 self._state(False, f"{type(exc).__name__}: {exc}")
+            finally:
+                await _discard(pubsub)
             attempt += 1
             delay = min(RECONNECT_MAX_S, RECONNECT_INITIAL_S * 2 ** min(attempt, 10))
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+
+    async def _receive(self, pubsub: Any) -> None:
+        """Messages until the connection fails or falls silent: a hung Redis or a partition closes
+        nothing, so the subscription is PINGed and must hear something within HEALTH_TIMEOUT_S."""
+        heard = pinged = self.loop.time()
+        while True:
+            message = await pubsub.get_message(timeout=HEALTH_INTERVAL_S)
+            now = self.loop.time()
+            if message is not None:
+                heard = now
+                if message.get("type") == "message":
+                    self._inbound(message["channel"], message["data"])
+            if now - heard > HEALTH_TIMEOUT_S:
+                raise TimeoutError(f"no answer from Redis for {now - heard:.1f}s")
+            if now - pinged >= HEALTH_INTERVAL_S:
+                pinged = now
+                await pubsub.ping()
 
     def _inbound(self, channel: bytes, data: bytes) -> None:
         try:
@@ -120,6 +140,14 @@ class Bridge:
             await self.publisher.publish(channel, msgspec.msgpack.encode(payload))
         except (RedisError, OSError, asyncio.TimeoutError) as exc:
             log.debug("publish to %s failed: %s", channel, exc)  # the subscriber reports the outage
+
+
+async def _discard(pubsub: Any) -> None:
+    """Close a subscription without waiting on a Redis that may not answer."""
+    try:
+        await asyncio.wait_for(pubsub.aclose(), HEALTH_INTERVAL_S)
+    except (RedisError, OSError, asyncio.TimeoutError):
+        pass
 
 
 def run(channel: socket.socket, url: str, prefix: str, host: str, timeout: float, connect_timeout: float,

@@ -40,8 +40,8 @@ from mcpherd.supervisor.slots import Proc, Slot, State
 from mcpherd.supervisor import bridge
 from mcpherd.supervisor.notify import Notifier, activated_sockets
 from mcpherd.supervisor.redis_link import RedisLink
-from mcpherd.supervisor.sockets import (INHERIT_ENV, ListenerGroup, accept_queue_length, adopt_activated,
-                                        inherited_groups, listen_drops)
+from mcpherd.shared.netstat import accept_queue_length, listen_drops
+from mcpherd.supervisor.sockets import INHERIT_ENV, ListenerGroup, adopt_activated, inherited_groups
 from mcpherd.supervisor.spawn import MASTER_SIGNALS, WorkerLaunch, fork_worker
 from mcpherd.supervisor.topology import allowed_cpus, cpu_for_slot, placement, read_topology
 from mcpherd.supervisor.upgrade import Upgrade
@@ -110,7 +110,7 @@ class Master:
         if inherited:
             self.groups = inherited_groups(inherited)
         elif activated:
-            self.groups = [adopt_activated(sock) for sock in activated]
+            self.groups = adopt_activated(activated)
             log.info("socket activation: serving %s (bind addresses in the configuration are not used)",
                      ", ".join(g.address for g in self.groups))
         else:
@@ -572,7 +572,8 @@ class Master:
 
     def _check_recycle(self, slot: Slot) -> None:
         proc = slot.current
-        if proc is None or proc.state is not State.READY or slot.successor is not None or not slot.wanted:
+        if proc is None or proc.state is not State.READY or slot.successor is not None or not slot.wanted \
+                or not slot.has_free_lane():
             return
         reason = ""
         if proc.request_limit and proc.requests >= proc.request_limit:
@@ -610,12 +611,12 @@ class Master:
                 slot.current = None
             return
         if slot.current is None:
-            if slot.in_backoff(now) or slot.successor is not None:
+            if slot.in_backoff(now) or slot.successor is not None or not slot.has_free_lane():
                 return
             slot.backoff_until = 0.0
             slot.current = self.spawn(slot, self.generation)
         elif slot.current.generation < self.generation and slot.successor is None \
-                and slot.current.state is State.READY and not self.reload_failed:
+                and slot.current.state is State.READY and not self.reload_failed and slot.has_free_lane():
             slot.current.stop_reason = f"replaced by generation {self.generation}"
             slot.successor = self.spawn(slot, self.generation)
 

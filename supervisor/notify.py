@@ -10,7 +10,10 @@ abstract namespace), newline-separated `KEY=VALUE` assignments. The master sends
     WATCHDOG=1                    every WATCHDOG_USEC/2, only from a loop turn that went well: a hung
                                   master loop stops the pings and systemd kills and restarts the service
     STATUS=...                    workers and requests/s, at most once a second when it changes
-    MAINPID=<pid>                 from the new master after a SIGUSR2 upgrade
+    MAINPID=<pid>                 from the old master, naming the new one, when a SIGUSR2 upgrade
+                                  hands over (upgrade.py); with NotifyAccess=main systemd accepts
+                                  notifications only from the main pid, so the old master falls silent
+                                  after it and the new one stays silent (held) until then
 
 Socket activation: with LISTEN_PID = our pid and LISTEN_FDS = n, fds 3..3+n-1 are listening sockets
 (the .socket unit sets ReusePort=yes); the master adopts each as slot 0 of the reuseport group of its
@@ -26,6 +29,7 @@ import time
 
 log = logging.getLogger("mcpherd.master")
 SD_LISTEN_FDS_START = 3
+HELD_ENV = "MCPHERD_NOTIFY_HELD"  # set by the old master for the new one: not the main pid yet
 
 
 class Notifier:
@@ -39,10 +43,12 @@ class Notifier:
         self.next_watchdog = 0.0
         self.last_status = ""
         self.last_status_at = 0.0
+        self.held = env.get(HELD_ENV) == "1"  # systemd would refuse (and log) what we send: send nothing
+        self.pending_ready: str | None = None  # READY=1 asked for while held, sent on release()
         self.sock: socket.socket | None = None
         if self.address:
             self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+        for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", HELD_ENV):
             os.environ.pop(name, None)  # workers must not talk to systemd (NotifyAccess=main)
 
     @property
@@ -50,7 +56,7 @@ class Notifier:
         return self.sock is not None
 
     def send(self, *assignments: str) -> bool:
-        if self.sock is None:
+        if self.sock is None or self.held:
             return False
         target = "\0" + self.address[1:] if self.address.startswith("@") else self.address
         try:
@@ -61,6 +67,9 @@ class Notifier:
             return False
 
     def ready(self, status: str = "") -> None:
+        if self.held:
+            self.pending_ready = status
+            return
         self.send("READY=1", *([f"STATUS={status}"] if status else []))
 
     def reloading(self) -> None:
@@ -70,7 +79,19 @@ class Notifier:
         self.send("STOPPING=1")
 
     def mainpid(self, pid: int) -> None:
+        """Name another process the main pid; from then on systemd refuses our notifications."""
         self.send(f"MAINPID={pid}")
+        self.held = True
+
+    def release(self) -> None:
+        """Our predecessor named us the main pid: speak from now on, READY=1 first if it is due."""
+        if not self.held:
+            return
+        self.held = False
+        self.next_watchdog = 0.0  # ping at once: the predecessor stopped pinging when it handed over
+        if self.pending_ready is not None:
+            self.ready(self.pending_ready)
+            self.pending_ready = None
 
     def watchdog(self, now: float) -> None:
         """Called from the master loop after a healthy turn; pings at half the watchdog period."""
@@ -79,9 +100,8 @@ class Notifier:
             self.send("WATCHDOG=1")
 
     def status(self, text: str, now: float) -> None:
-        if text != self.last_status and now - self.last_status_at >= 1.0:
+        if text != self.last_status and now - self.last_status_at >= 1.0 and self.send(f"STATUS={text}"):
             self.last_status, self.last_status_at = text, now
-            self.send(f"STATUS={text}")
 
 
 def activated_sockets(environ: dict[str, str] | None = None) -> list[socket.socket]:

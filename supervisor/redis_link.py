@@ -133,7 +133,7 @@ class RedisLink:
             self._set_up(message.up, message.detail)
 
     def _set_up(self, up: bool, detail: str) -> None:
-        if up == self.up:
+        if up == self.up and (up or self.was_down):  # "down" from the start is an outage too
             return
         self.up = up
         if not up:
@@ -143,9 +143,10 @@ class RedisLink:
             return
         log.info("Redis is reachable (%s)", detail)
         if self.was_down:
-            # Invalidations published while we were not subscribed are lost: start every L1 cold.
-            log.info("resynchronising after the Redis outage: dropping every cached result on this host")
-            self.master.bus.publish_local(events.Invalidate(all=True))
+            # Invalidations raised during the outage reached neither L2 (left stale for every host) nor the
+            # hosts that were subscribed: empty L2, then every L1 on every host. A cold cache is never stale.
+            log.info("resynchronising after the Redis outage: dropping every cached result (L2, every host's L1)")
+            self.master.bus.publish_from_master(events.Invalidate(all=True), lambda _seq, _complete: None)
 
     def _close_channel(self) -> None:
         if self.channel is not None:

@@ -74,6 +74,10 @@ class Slot:
         live = [p for p in (self.current, self.successor) if p is not None]
         return live + self.retiring
 
+    def has_free_lane(self) -> bool:
+        """Whether a process can start here: draining workers may hold both lanes (shared-memory cells)."""
+        return len(self.processes()) < layout.LANES_PER_SLOT
+
     def free_lane(self) -> int:
         used = {p.lane for p in self.processes()}
         return next(lane for lane in range(layout.LANES_PER_SLOT) if lane not in used)

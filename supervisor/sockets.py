@@ -7,15 +7,24 @@ classic BPF program (SO_ATTACH_REUSEPORT_CBPF): it picks one of the live slots' 
 each new connection, so a socket being retired stops receiving connections, its worker empties the
 queue, and the socket stays open, idle, for the next scale-up.
 
-Handing sockets to a re-executed master (SIGUSR2): `MCPHERD_LISTEN_FDS=host:port=fd,fd;host:port=fd`.
+Socket activation (systemd/mcpherd.socket, ReusePort=yes): the passed sockets of one address are the
+first slots of its group and the master creates the rest with the same options. Linux lets a socket join
+a reuseport group only if it has the same owner as the group (socket(7)), and systemd creates the passed
+sockets as root: a master running as another user cannot add to the group (EADDRINUSE), so its slots
+then share the passed sockets, as they do when a passed socket lacks SO_REUSEPORT (`shared`).
+
+Handing sockets to a re-executed master (SIGUSR2): `MCPHERD_LISTEN_FDS=host:port=fd,fd;host:port=fd`
+(a shared group repeats its fds).
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import os
 import socket
+import struct
 from dataclasses import dataclass, field
 
 from mcpherd.shared.netstat import accept_queue_length, listen_drops  # noqa: F401 - re-exported
@@ -63,12 +72,20 @@ class ListenerGroup:
 
     def ensure(self, count: int) -> None:
         """Grow the group to `count` sockets (never shrinks: see the module docstring)."""
-        if self.shared:
-            self.sockets.extend([self.sockets[0]] * (count - len(self.sockets)))
-            return
-        while len(self.sockets) < count:
-            self.sockets.append(_listener(self.host, self.port))
+        while len(self.sockets) < count and not self.shared:
+            template = self.sockets[0] if self.sockets else None
+            try:
+                self.sockets.append(_listener(self.host, self.port, template))
+            except OSError as exc:
+                if template is None or exc.errno != errno.EADDRINUSE:
+                    raise
+                log.warning("cannot add sockets to the passed listener %s (owned by another user: systemd "
+                            "creates them as root): its %d socket(s) are shared by every worker; repeat "
+                            "ListenStream= once per worker for one socket each", self.address, len(self.sockets))
+                self.shared = True
             self.port = self.sockets[0].getsockname()[1]  # a requested port 0 became a real one
+        distinct = list(dict.fromkeys(self.sockets))  # a shared group cycles through these
+        self.sockets.extend(distinct[i % len(distinct)] for i in range(len(self.sockets), count))
 
     def steer(self, live: list[int]) -> bool:
         """Send new connections only to `live` slots' sockets; False when the kernel refused."""
@@ -88,25 +105,35 @@ class ListenerGroup:
         return True
 
     def inheritable(self) -> str:
-        if self.shared:
-            os.set_inheritable(self.sockets[0].fileno(), True)
-            return f"{self.address}=" + ",".join(str(s.fileno()) for s in self.sockets)
         for sock in self.sockets:
             os.set_inheritable(sock.fileno(), True)
         return f"{self.address}=" + ",".join(str(s.fileno()) for s in self.sockets)
 
 
-def _listener(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+# Options a .socket unit may set that an unprivileged master can copy (IP_TRANSPARENT and SO_MARK need
+# CAP_NET_ADMIN). Only those that differ from a fresh socket's are set, so defaults stay defaults.
+_IP_FREEBIND = 15
+_COPIED_OPTIONS = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE), (socket.IPPROTO_TCP, socket.TCP_NODELAY),
+                   (socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT), (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+                   (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL), (socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
+                   (socket.IPPROTO_TCP, socket.TCP_FASTOPEN), (socket.IPPROTO_IP, _IP_FREEBIND)]
+
+
+def _listener(host: str, port: int, template: socket.socket | None = None) -> socket.socket:
+    """A new member of the group at host:port, with `template`'s options (else mcpherd's own)."""
+    family = template.family if template is not None else socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.bind((host, port))
-        sock.listen(BACKLOG)
+        if template is None:
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        else:
+            _copy_options(template, sock)
+        sock.bind(template.getsockname() if template is not None else (host, port))
+        sock.listen(_backlog(template) if template is not None else BACKLOG)
     except OSError:
         sock.close()
         raise
@@ -114,17 +141,41 @@ def _listener(host: str, port: int) -> socket.socket:
     return sock
 
 
-def adopt_activated(sock: socket.socket) -> ListenerGroup:
-    """A socket systemd passed: slot 0 of its address's group; the rest get the same options."""
-    host, port = sock.getsockname()[:2]
-    group = ListenerGroup(host, port, [sock])
-    sock.setblocking(False)
-    if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT):
-        log.warning("the socket-activated listener %s lacks SO_REUSEPORT (set ReusePort=yes in the .socket "
-                    "unit): every worker shares it, so a dying worker's queued connections are not isolated",
-                    group.address)
-        group.shared = True
-    return group
+def _copy_options(template: socket.socket, sock: socket.socket) -> None:
+    options = list(_COPIED_OPTIONS)
+    if template.family == socket.AF_INET6:  # BindIPv6Only=: a dual-stack slot 0 needs dual-stack siblings
+        options.append((socket.IPPROTO_IPV6, socket.IPV6_V6ONLY))
+    for level, name in options:
+        value = template.getsockopt(level, name)
+        if value != sock.getsockopt(level, name):
+            sock.setsockopt(level, name, value)
+    device = template.getsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, 16).rstrip(b"\0")
+    if device:  # BindToDevice=: a socket bound elsewhere would form a group of its own
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, device)
+
+
+def _backlog(sock: socket.socket) -> int:
+    """A listening socket's backlog (Backlog= of the .socket unit): TCP_INFO tcpi_sacked."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    return int(struct.unpack_from("I", info, 28)[0]) or BACKLOG
+
+
+def adopt_activated(passed: list[socket.socket]) -> list[ListenerGroup]:
+    """The sockets systemd passed, one group per address; ensure() creates the rest of each group."""
+    groups: dict[tuple[str, int], ListenerGroup] = {}
+    for sock in passed:
+        if sock.family not in (socket.AF_INET, socket.AF_INET6):
+            raise ValueError(f"socket-activated fd {sock.fileno()} is not a TCP socket (ListenStream=HOST:PORT)")
+        host, port = sock.getsockname()[:2]
+        sock.setblocking(False)
+        groups.setdefault((host, port), ListenerGroup(host, port)).sockets.append(sock)
+    for group in groups.values():
+        if not all(s.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) for s in group.sockets):
+            log.warning("the socket-activated listener %s lacks SO_REUSEPORT (set ReusePort=yes in the .socket "
+                        "unit): every worker shares it, so a dying worker's queued connections are not isolated",
+                        group.address)
+            group.shared = True
+    return list(groups.values())
 
 
 def inherited_groups(value: str) -> list[ListenerGroup]:
@@ -134,9 +185,12 @@ def inherited_groups(value: str) -> list[ListenerGroup]:
         address, _, fds = part.rpartition("=")
         host, _, port = address.rpartition(":")
         group = ListenerGroup(host.strip("[]"), int(port))
-        for fd in fds.split(","):
-            sock = socket.socket(fileno=int(fd))
-            os.set_inheritable(sock.fileno(), False)
-            group.sockets.append(sock)
+        adopted: dict[int, socket.socket] = {}  # one object per fd: a shared group repeats its fds
+        for fd in map(int, fds.split(",")):
+            if fd not in adopted:
+                adopted[fd] = socket.socket(fileno=fd)
+                os.set_inheritable(fd, False)
+            group.sockets.append(adopted[fd])
+        group.shared = len(adopted) < len(group.sockets)
         groups.append(group)
     return groups

@@ -30,12 +30,20 @@ class Sample:
     at: float
     requests: int
     busy_ns: int
+    cpu_s: float = 0.0
     rate: float = 0.0
     busy_ratio: float = 0.0
+    cpu_share: float = 0.0
 
 
 class Rates:
-    """Per-process request rate and busy ratio over the last sampling interval (about 1 s)."""
+    """Per-process request rate and busy ratio over the last sampling interval (about 1 s).
+
+    The busy ratio is the larger of the loop's own account (F_BUSY_NS: time inside request handlers)
+    and the worker's CPU time over wall time: tools running in the worker's thread pool leave its loop
+    idle while they saturate its CPU, and parsing and writing happen outside the handlers. Each worker
+    is pinned to one CPU, so the CPU share of a saturated worker is 1 whatever its tools do.
+    """
 
     def __init__(self) -> None:
         self.samples: dict[int, Sample] = {}
@@ -48,13 +56,15 @@ class Rates:
             self.cpu.pop(pid, None)
         for proc in procs:
             requests, busy = proc.cell.get(layout.F_REQUESTS), proc.cell.get(layout.F_BUSY_NS)
+            cpu = self._cpu_seconds(proc.pid)
             previous = self.samples.get(proc.pid)
             if previous is None:
-                self.samples[proc.pid] = Sample(now, requests, busy)
+                self.samples[proc.pid] = Sample(now, requests, busy, cpu)
             elif now - previous.at >= 1.0:
                 elapsed = now - previous.at
-                self.samples[proc.pid] = Sample(now, requests, busy, (requests - previous.requests) / elapsed,
-                                                min(1.0, (busy - previous.busy_ns) / 1e9 / elapsed))
+                loop, share = (busy - previous.busy_ns) / 1e9 / elapsed, max(0.0, cpu - previous.cpu_s) / elapsed
+                self.samples[proc.pid] = Sample(now, requests, busy, cpu, (requests - previous.requests) / elapsed,
+                                                min(1.0, max(loop, share)), share)
 
     def rate(self, pid: int) -> float:
         sample = self.samples.get(pid)
@@ -65,13 +75,22 @@ class Rates:
         return sample.busy_ratio if sample else 0.0
 
     def usage(self, pid: int) -> tuple[int, float]:
-        """(rss bytes, cpu percent since the previous call)."""
+        """(rss bytes, cpu percent over the last sampling interval: the same for every caller)."""
+        sample = self.samples.get(pid)
         try:
-            process = self.cpu.get(pid) or self.cpu.setdefault(pid, psutil.Process(pid))
-            with process.oneshot():
-                return process.memory_info().rss, process.cpu_percent(None)
+            return self._process(pid).memory_info().rss, (sample.cpu_share * 100 if sample else 0.0)
         except psutil.Error:
             return 0, 0.0
+
+    def _cpu_seconds(self, pid: int) -> float:
+        try:
+            times = self._process(pid).cpu_times()
+        except psutil.Error:
+            return 0.0
+        return float(times.user + times.system)
+
+    def _process(self, pid: int) -> psutil.Process:
+        return self.cpu.get(pid) or self.cpu.setdefault(pid, psutil.Process(pid))
 
 
 def quantile_ms(histogram: metrics.Histogram, q: float) -> float | None:

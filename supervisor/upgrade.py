@@ -4,10 +4,16 @@
                           socket (MCPHERD_LISTEN_FDS) and the cluster secret (a memfd), so sessions
                           and request states stay valid
     new master            adopts the sockets, starts its own workers (next generation, new code)
-                          and, once every one of them accepts, sends SIGTERM to the old master
-    old master            drains its workers gracefully and exits without touching the sockets
+                          and, once every one of them accepts, writes "takeover" on the hand-over
+                          channel (a SOCK_SEQPACKET socketpair) and sends SIGTERM to the old master
+    old master            under systemd, sends MAINPID=<new master> (only the main pid may change the
+                          main pid, NotifyAccess=main), writes "mainpid" back, then drains its workers
+                          gracefully and exits without touching the sockets
+    new master            on "mainpid" starts talking to systemd (READY=1, WATCHDOG=1, STATUS=)
 
-If the new master dies before it takes over, the old one reaps it, logs why and keeps serving.
+A SIGTERM without "takeover" first is a stop request (systemd, an operator) arriving mid-upgrade: the
+old master stops the new one too. If the new master dies before it takes over, the old one reaps it,
+logs why and keeps serving.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import socket
 import sys
 from typing import TYPE_CHECKING
 
+from mcpherd.supervisor.notify import HELD_ENV
 from mcpherd.supervisor.sockets import INHERIT_ENV
 
 if TYPE_CHECKING:
@@ -28,6 +35,8 @@ log = logging.getLogger("mcpherd.master")
 FROM_ENV = "MCPHERD_UPGRADE_FROM"
 SECRET_ENV = "MCPHERD_SECRET_FD"
 SOCKETS_ENV = "MCPHERD_CONTROL_FDS"
+HANDOVER_ENV = "MCPHERD_HANDOVER_FD"
+TAKEOVER, MAINPID_SENT = b"takeover", b"mainpid"
 
 
 class Upgrade:
@@ -35,13 +44,16 @@ class Upgrade:
         self.master = master
         self.child_pid = 0  # the new master we started (old side)
         self.predecessor = int(os.environ.pop(FROM_ENV, "0"))  # the master we replace (new side)
+        self.channel = _inherited_channel()  # to the other master, while an upgrade is under way
         self.handed_over = False
+        self.aborted = False
         self.failed = ""
 
     # -- old master ----------------------------------------------------------------------------
     def start(self) -> None:
-        if self.child_pid:
-            log.warning("SIGUSR2 ignored: an upgrade (new master %d) is already in progress", self.child_pid)
+        if self.child_pid or self.channel is not None:
+            log.warning("SIGUSR2 ignored: an upgrade (new master %d) is still in progress",
+                        self.child_pid or os.getpid())
             return
         secret_fd = os.memfd_create("mcpherd-secret", 0)
         os.write(secret_fd, self.master.secret)
@@ -52,13 +64,16 @@ class Upgrade:
                SOCKETS_ENV: ",".join(f"{name}={sock.fileno()}" for name, sock in extra.items())}
         notifier = self.master.notifier
         if notifier.enabled:  # the new master becomes the main pid: systemd must hear from it
-            env["NOTIFY_SOCKET"] = notifier.address
+            env.update({"NOTIFY_SOCKET": notifier.address, HELD_ENV: "1"})
             if notifier.watchdog_interval:
                 env["WATCHDOG_USEC"] = str(int(notifier.watchdog_interval * 2e6))
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        env[HANDOVER_ENV] = str(theirs.fileno())
         argv = [sys.executable, "-m", "mcpherd", *sys.argv[1:]]
         pid = os.fork()
         if pid == 0:
             try:
+                os.set_inheritable(theirs.fileno(), True)
                 os.set_inheritable(secret_fd, True)
                 for sock in extra.values():
                     os.set_inheritable(sock.fileno(), True)
@@ -69,6 +84,9 @@ class Upgrade:
             for sock in group.sockets:
                 os.set_inheritable(sock.fileno(), False)
         os.close(secret_fd)
+        theirs.close()
+        ours.setblocking(False)
+        self.channel = ours
         self.child_pid = pid
         log.info("upgrade: started new master %d", pid)
 
@@ -77,15 +95,31 @@ class Upgrade:
         if pid != self.child_pid or not pid:
             return False
         self.child_pid = 0
+        self._close_channel()
+        if self.handed_over or self.aborted:
+            return True
         self.failed = f"new master {pid} exited with status {os.waitstatus_to_exitcode(status)} before taking over"
         log.error("upgrade failed, this master keeps serving: %s", self.failed)
         return True
 
     def superseded(self) -> bool:
-        """A SIGTERM while our new master lives is the hand-over signal."""
-        if self.child_pid:
+        """On SIGTERM: True if it is our new master taking over (it said so on the channel first)."""
+        if not self.child_pid or self.handed_over or self.aborted:
+            return self.handed_over
+        if _receive(self.channel) == TAKEOVER:
             self.handed_over = True
+            self.master.notifier.mainpid(self.child_pid)  # before the new master may speak
+            _send(self.channel, MAINPID_SENT)
+        else:
+            self.aborted = True
+            log.warning("stop requested during an upgrade: stopping the new master %d too", self.child_pid)
+            os.kill(self.child_pid, signal.SIGTERM)
         return self.handed_over
+
+    def _close_channel(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
 
     def _admin(self) -> socket.socket | None:
         return self.master.admin.listener if self.master.admin is not None else None
@@ -115,14 +149,55 @@ class Upgrade:
 
     def tick(self) -> None:
         if not self.predecessor:
+            self._await_mainpid()
             return
         slots = [s for s in self.master.slots if s.wanted]
         if slots and all(s.current is not None and s.current.state.value == "ready" for s in slots):
             log.info("upgrade: every worker of generation %d accepts; stopping old master %d",
                      self.master.generation, self.predecessor)
-            self.master.notifier.mainpid(os.getpid())
+            _send(self.channel, TAKEOVER)
             try:
                 os.kill(self.predecessor, signal.SIGTERM)
             except ProcessLookupError:
                 pass
             self.predecessor = 0
+
+    def _await_mainpid(self) -> None:
+        """New side, after "takeover": the old master's answer means systemd now takes us as main pid."""
+        if self.channel is None or self.child_pid:
+            return
+        answer = _receive(self.channel)
+        if answer == MAINPID_SENT:
+            self.master.notifier.release()
+        if answer is not None:  # the answer, or EOF: the old master is gone
+            self._close_channel()
+
+
+def _inherited_channel() -> socket.socket | None:
+    fd = os.environ.pop(HANDOVER_ENV, "")
+    if not fd.isdigit():
+        return None
+    channel = socket.socket(fileno=int(fd))
+    os.set_inheritable(channel.fileno(), False)
+    channel.setblocking(False)
+    return channel
+
+
+def _receive(channel: socket.socket | None) -> bytes | None:
+    """One message, b"" at EOF, None when nothing is there (or there is no channel)."""
+    if channel is None:
+        return None
+    try:
+        return channel.recv(64)
+    except BlockingIOError:
+        return None
+    except OSError:
+        return b""
+
+
+def _send(channel: socket.socket | None, message: bytes) -> None:
+    if channel is not None:
+        try:
+            channel.send(message)
+        except OSError:
+            pass  # the other master is gone: nothing left to coordinate

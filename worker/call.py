@@ -178,7 +178,7 @@ class Call:
         if body is not None:
             self._emit(body)
         if self.log is not None:
-            self.log.done = True
+            self.log.finish()
             live, self.log.live = self.log.live, None
             if live is not None:
                 live.end()

@@ -31,6 +31,7 @@ from mcpherd.worker.limits import HttpLimits
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
 _GZIP_MIN_BYTES = 1024
 _CHUNK_END = b"0\r\n\r\n"
+_FIRST_REQUEST_GRACE_S = 1.0  # draining: how long a just-accepted connection may take to start its request
 # Raw header name -> its lower-case str key. Clients repeat the same few names on every request; the
 # bound keeps a client that sends endless distinct names from growing it (they are then decoded each time).
 _header_keys: dict[bytes, str] = {}
@@ -113,6 +114,7 @@ class HttpConnection(asyncio.Protocol):
         self._drain_waiters: list[asyncio.Future[None]] = []
         self.on_close: list[Callable[[], None]] = []
         self.draining = False  # graceful shutdown: close once the last response is written
+        self.fresh = True  # no request has begun yet: the client connected to send one
 
     # -- asyncio.Protocol ----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -162,6 +164,7 @@ class HttpConnection(asyncio.Protocol):
     # -- parser callbacks ----------------------------------------------------------------------
     def on_message_begin(self) -> None:
         self.state = ConnState.READING
+        self.fresh = False
         self.deadline = self._loop.time() + self._limits.request_timeout
         self._url = b""
         self._headers = {}
@@ -381,10 +384,17 @@ class HttpConnection(asyncio.Protocol):
             self._close_after_write()
 
     def close_when_idle(self) -> None:
-        """Graceful shutdown: close now if nothing is in flight, else after the last response."""
+        """Graceful shutdown: close now if nothing is in flight, else after the last response.
+
+        A connection accepted just before the drain began is not idle: its first request may already
+        be in the socket buffer, and closing now would reset it. It may still start one for a moment
+        (`expire` closes it after that), and closes once that is answered.
+        """
         self.draining = True
-        if self.state is ConnState.IDLE:
+        if self.state is ConnState.IDLE and not self.fresh:
             self._close_after_write()
+        elif self.state is ConnState.IDLE:
+            self.deadline = min(self.deadline, self._loop.time() + _FIRST_REQUEST_GRACE_S)
 
 
 @functools.lru_cache(maxsize=64)

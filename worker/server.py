@@ -25,6 +25,7 @@ from mcpherd.shared import control, events, layout
 from mcpherd.worker.app import App
 from mcpherd.shared.l2 import L2Cache
 from mcpherd.worker.cache import ResultCache
+from mcpherd.worker.stream_mirror import StreamMirror
 from mcpherd.worker.cluster import Cluster
 from mcpherd.shared.metrics import Recorder
 from mcpherd.shared.netstat import accept_queue_length
@@ -141,6 +142,8 @@ class Worker:
             AllowList(list(loopback_origins()) + config.allowed_origins),
             config.path,
         )
+        if self.l2 is not None:
+            self.endpoint.sessions.mirror = StreamMirror(self.l2.client, redis.key_prefix)
         self.cluster = Cluster(self, channel, segment, tag)
         self.endpoint.cluster = self.cluster
         self.recorder = Recorder(cell, list(app.tools)) if cell is not None and config.metrics else None

@@ -15,10 +15,12 @@ ids all start with this worker's tag (`w<slot>`).
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import struct
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,15 +63,23 @@ class StreamLog:
     next_seq: int = 1
     live: EventStream | None = None  # the connection currently receiving it, if any
     done: bool = False  # the request it answers has finished: nothing more will be appended
+    mirror: Callable[[int, bytes | None], None] | None = None  # copy for other hosts (stream_mirror.py)
 
     def append(self, data: bytes) -> str:
         seq = self.next_seq
         self.next_seq += 1
         self.events.append((seq, data))
+        if self.mirror is not None:
+            self.mirror(seq, data)
         event_id = f"{self.stream_id}.{seq}"
         if self.live is not None and not self.live.send(data, event_id):
             self.live = None
         return event_id
+
+    def finish(self) -> None:
+        self.done = True
+        if self.mirror is not None:
+            self.mirror(self.next_seq, None)
 
     def replay_after(self, seq: int) -> list[tuple[str, bytes]]:
         return [(f"{self.stream_id}.{s}", d) for s, d in self.events if s > seq]
@@ -115,6 +125,7 @@ class SessionStore:
         # a session (a resumption would replay another stream): start past any id a predecessor can have
         # issued, i.e. at one id per microsecond of wall-clock time, far above any real rate.
         self._counter = time.time_ns() // 1000
+        self.mirror: Any = None  # StreamMirror when hosts share Redis
         self._next_table_prune = 0.0
 
     def next_id(self, kind: str) -> str:
@@ -241,6 +252,8 @@ class SessionStore:
 
     def open_stream(self, session: Session, kind: str = "s") -> StreamLog:
         log = StreamLog(self.next_id(kind))
+        if self.mirror is not None:
+            log.mirror = functools.partial(self.mirror.record, session.token, log.stream_id)
         session.streams[log.stream_id] = log
         excess = len(session.streams) - self.max_streams
         if excess > 0:

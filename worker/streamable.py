@@ -298,12 +298,22 @@ class Endpoint:
         stream_id, _, seq = last_event_id.rpartition(".")
         log_ = session.streams.get(stream_id)
         if log_ is None and self.cluster is not None and stream_id and not self.cluster.owns(stream_id):
-            return self._hand_off(request, stream_id.split("-", 1)[0])
+            owner = stream_id.split("-", 1)[0]
+            if owner[:8] != self.cluster.tag[:8] and self.sessions.mirror is not None and seq.isdigit():
+                return self._resume_from_redis(session, stream_id, int(seq))
+            return self._hand_off(request, owner)
         if log_ is None or not (seq.isascii() and seq.isdigit()):  # "²".isdigit(), but int("²") raises
             return rpc_error(404, rpc.INVALID_REQUEST, "Not Found: unknown Last-Event-ID for this session")
         if log_.live is not None:
             log_.live.end()  # the client reconnected: the old connection is a ghost
         return self._attach(session, log_, log_.replay_after(int(seq)))
+
+    def _resume_from_redis(self, session: Session, stream_id: str, after: int) -> ResponseLike:
+        """The stream's owner is on another host: replay and follow its copy in Redis."""
+        stream = EventStream(self._session_headers(session))
+        self.prime(session, StreamLog(stream_id), stream)
+        self.loop.create_task(self.sessions.mirror.replay(session.token, stream_id, after, stream))
+        return stream
 
     def _hand_off(self, request: Request, owner: str) -> ResponseLike:
         """The stream lives on another worker: give it this very connection (SCM_RIGHTS)."""

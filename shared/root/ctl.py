@@ -76,7 +76,7 @@ def add_commands(commands: Any) -> None:
     reload.add_argument("--no-wait", action="store_true", help="return at once")
     reload.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the new generation")
     scale = command("scale", "set the worker count: N, +K or -K")
-    scale.add_argument("count", help="N, +K or -K")
+    scale.add_argument("count", type=_scale_args, help="N, +K or -K")  # checked before connecting: exit 2
     invalidate = command("invalidate", "drop cached tool results on every worker")
     target = invalidate.add_mutually_exclusive_group(required=True)
     target.add_argument("--key")
@@ -120,7 +120,7 @@ def _dispatch(client: AdminClient, args: argparse.Namespace) -> int:
         if not args.no_wait:
             return _wait_for_generation(client, started["generation"], args.timeout)
     elif args.command == "scale":
-        print(f"workers target: {client.call('scale', **_scale_args(args.count))['workers_target']}")
+        print(f"workers target: {client.call('scale', **args.count)['workers_target']}")
     elif args.command == "invalidate":
         selector = {k: v for k, v in (("key", args.key), ("tag", args.tag), ("prefix", args.prefix)) if v}
         result = client.call("invalidate", **(selector or {"all": True}))
@@ -141,7 +141,7 @@ def _scale_args(count: str) -> dict[str, int]:
         return {"delta": int(text)}
     if text.isdigit():
         return {"workers": int(text)}
-    raise ServerError(f"scale takes N, +K or -K, not {count!r}")
+    raise argparse.ArgumentTypeError(f"scale takes N, +K or -K, not {count!r}")
 
 
 def _wait_for_generation(client: AdminClient, generation: int, timeout: float) -> int:

@@ -1,0 +1,70 @@
+"""Resumable streams across hosts: with Redis configured, each event of a handshake-era stream is also
+appended to a Redis stream, so a client that reconnects (GET + Last-Event-ID) to *another host*
+gets the events it missed and the rest as they come.
+
+Within one host the connection is handed to the owning worker instead (streamable.py), which is
+cheaper; this path is only for a stream whose owner is on another host (or gone). Keys are
+`<prefix>stream:<hash of the session token>:<stream id>`, so a stream can only be read with the
+session that owns it; each is capped (MAXLEN ~1024, like the in-memory log) and expires an hour
+after its last event. Appends are fire-and-forget: a slow or absent Redis never delays an event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from mcpherd.worker.sse import EventStream
+
+log = logging.getLogger("mcpherd.worker")
+KEEP_S = 3600
+BLOCK_MS = 15_000
+
+
+class StreamMirror:
+    def __init__(self, client: Any, prefix: str) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.loop = asyncio.get_running_loop()
+
+    def key(self, token: str, stream_id: str) -> str:
+        return f"{self.prefix}stream:{hashlib.sha256(token.encode()).hexdigest()[:24]}:{stream_id}"
+
+    def record(self, token: str, stream_id: str, seq: int, data: bytes | None) -> None:
+        """Append one event (data None: the stream is complete)."""
+        fields = {"s": seq, "d": data} if data is not None else {"s": seq, "done": 1}
+        self.loop.create_task(self._append(self.key(token, stream_id), fields))
+
+    async def _append(self, key: str, fields: dict[str, Any]) -> None:
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.xadd(key, fields, maxlen=1024, approximate=True)
+                pipe.expire(key, KEEP_S)
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            log.debug("stream mirror append failed: %s", exc)
+
+    async def replay(self, token: str, stream_id: str, after: int, stream: EventStream) -> None:
+        """Send the client every event after `after`, then follow the stream until it completes."""
+        key, last = self.key(token, stream_id), "0"
+        try:
+            while not stream.closed:
+                found = await self.client.xread({key: last}, count=256, block=BLOCK_MS)
+                if not found:
+                    stream.comment()  # quiet stream: keep proxies from timing out the connection
+                    continue
+                for entry_id, fields in found[0][1]:
+                    last = entry_id
+                    seq = int(fields[b"s"])
+                    if b"done" in fields:
+                        stream.end()
+                        return
+                    if seq > after:
+                        stream.send(fields[b"d"], f"{stream_id}.{seq}")
+        except (RedisError, OSError) as exc:
+            log.warning("resuming stream %s from Redis failed: %s", stream_id, exc)
+            stream.end()
