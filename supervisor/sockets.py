@@ -24,7 +24,6 @@ import errno
 import logging
 import os
 import socket
-import struct
 from dataclasses import dataclass, field
 
 from mcpherd.shared.netstat import accept_queue_length, listen_drops  # noqa: F401 - re-exported
@@ -73,6 +72,10 @@ class ListenerGroup:
     def ensure(self, count: int) -> None:
         """Grow the group to `count` sockets (never shrinks: see the module docstring)."""
         while len(self.sockets) < count and not self.shared:
+            if len(self.sockets) == 1 and not self.steered:
+                # Before a second socket joins, send every connection to the first: a socket without
+                # a worker yet must never receive one (it would wait there for good).
+                self.steer([0])
             template = self.sockets[0] if self.sockets else None
             try:
                 self.sockets.append(_listener(self.host, self.port, template))
@@ -133,7 +136,7 @@ def _listener(host: str, port: int, template: socket.socket | None = None) -> so
         else:
             _copy_options(template, sock)
         sock.bind(template.getsockname() if template is not None else (host, port))
-        sock.listen(_backlog(template) if template is not None else BACKLOG)
+        sock.listen(BACKLOG)  # a worker listens again with the same backlog (worker/server.py)
     except OSError:
         sock.close()
         raise
@@ -152,12 +155,6 @@ def _copy_options(template: socket.socket, sock: socket.socket) -> None:
     device = template.getsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, 16).rstrip(b"\0")
     if device:  # BindToDevice=: a socket bound elsewhere would form a group of its own
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, device)
-
-
-def _backlog(sock: socket.socket) -> int:
-    """A listening socket's backlog (Backlog= of the .socket unit): TCP_INFO tcpi_sacked."""
-    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
-    return int(struct.unpack_from("I", info, 28)[0]) or BACKLOG
 
 
 def adopt_activated(passed: list[socket.socket]) -> list[ListenerGroup]:
