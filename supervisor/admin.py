@@ -42,6 +42,7 @@ class Client:
         self.deadline = time.monotonic() + CLIENT_TIMEOUT_S
         self.waiting = 0  # replies still owed (deferred commands)
         self.closed = False
+        self.eof = False  # the client half-closed while waiting for a deferred reply
 
     def reply(self, result: Any = None, error: tuple[str, str] | None = None) -> None:
         if self.closed:
@@ -62,10 +63,11 @@ class Client:
         except OSError:
             self.server.drop(self)
             return
-        if len(self.outbox) > MAX_PENDING_OUT:
-            self.server.drop(self)  # not reading its replies
+        if len(self.outbox) > MAX_PENDING_OUT or (self.eof and not self.waiting and not self.outbox):
+            self.server.drop(self)  # not reading its replies, or done with a half-closed client
             return
-        self.server.watch(self, writable=bool(self.outbox))
+        if not self.eof:
+            self.server.watch(self, writable=bool(self.outbox))
 
 
 class AdminServer:
@@ -90,10 +92,11 @@ class AdminServer:
                     log.error("admin socket: out of file descriptors")
                 return
             uid = _peer_uid(sock)
-            if uid not in (0, os.getuid()) or len(self.clients) >= MAX_CLIENTS:
-                log.warning("admin socket: refused a client (uid %s%s)", uid,
-                            ", too many clients" if len(self.clients) >= MAX_CLIENTS else "")
-                sock.close()
+            crowded = len(self.clients) >= MAX_CLIENTS
+            if uid not in (0, os.getuid()) or crowded:
+                log.warning("admin socket: refused a client (uid %s%s)", uid, ", too many clients" if crowded else "")
+                _refuse(sock, "too many admin clients are connected" if crowded else
+                        f"uid {uid} may not use this admin socket (only root and uid {os.getuid()} may)")
                 continue
             sock.setblocking(False)
             client = Client(sock, self)
@@ -110,10 +113,20 @@ class AdminServer:
         except OSError:
             data = b""
         if not data:
-            self.drop(client) if not client.waiting else self.watch(client, writable=bool(client.outbox))
+            if not client.waiting:
+                self.drop(client)
+                return
+            # Half-closed while a deferred reply is owed: stop watching (an EOF stays readable and
+            # would spin the loop); reply() still writes, then the client is dropped.
+            client.eof = True
+            try:
+                self.selector.unregister(client.sock)
+            except (KeyError, ValueError):
+                pass
             return
+        if not client.inbox:  # a request starts: it has CLIENT_TIMEOUT_S to arrive whole, however it trickles
+            client.deadline = time.monotonic() + CLIENT_TIMEOUT_S
         client.inbox += data
-        client.deadline = time.monotonic() + CLIENT_TIMEOUT_S
         while b"\n" in client.inbox and not client.closed:
             line, client.inbox = client.inbox.split(b"\n", 1)
             self._handle(client, line)
@@ -173,6 +186,10 @@ def _bind(path: str) -> socket.socket:
     """Bind the socket at `path`: replace a stale one (crashed master), refuse a live one."""
     directory = os.path.dirname(path)
     os.makedirs(directory, mode=0o700, exist_ok=True)
+    owner = os.stat(directory).st_uid
+    if owner not in (0, os.getuid()):  # its owner could swap the socket: /tmp/mcpherd-<uid> can be made by anyone
+        raise AlreadyRunning(f"{directory} is owned by uid {owner}, not by this user or root; "
+                             "refusing to put the admin socket there")
     if os.path.exists(path):
         if not stat.S_ISSOCK(os.lstat(path).st_mode):
             raise AlreadyRunning(f"{path} exists and is not a socket")
@@ -194,6 +211,16 @@ def _bind(path: str) -> socket.socket:
     listener.listen(1024)
     listener.setblocking(False)
     return listener
+
+
+def _refuse(sock: socket.socket, why: str) -> None:
+    """Say why, then close, so the client can tell a refusal from a crash (a new socket's buffer takes it)."""
+    try:
+        sock.setblocking(False)
+        sock.send(admin.encode(admin.Reply(False, error=admin.Error("refused", why))))
+    except OSError:
+        pass
+    sock.close()
 
 
 def _peer_uid(sock: socket.socket) -> int:

@@ -23,6 +23,8 @@ class AlertThresholds(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, 
     error_rate: float = 0.05  # share of requests answered with an error over the last second
     cache_hit_ratio: float = 0.70  # only while the cache is used
     min_requests: int = 20  # below this many requests in the window, rates say nothing
+    fire_after_s: int = 3  # a condition must hold this many consecutive seconds to fire...
+    clear_after_s: int = 10  # ...and be gone this long to clear: a flapping metric alerts once
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +63,23 @@ def evaluate(window: Window, thresholds: AlertThresholds) -> dict[str, str]:
     if window.new_listen_drops:
         active["listen_drops"] = f"{window.new_listen_drops} connections dropped by full accept queues"
     return active
+
+
+def debounce(conditions: dict[str, str], active: dict[str, str], streaks: dict[str, int],
+             thresholds: AlertThresholds) -> dict[str, str]:
+    """The alerts active after this second, given the raw conditions and the consecutive-second
+    `streaks` (positive: condition present, negative: absent), which it updates in place."""
+    for name in ALERTS:
+        present = name in conditions
+        previous = streaks.get(name, 0)
+        streaks[name] = (max(previous, 0) + 1) if present else (min(previous, 0) - 1)
+    result = {}
+    for name in ALERTS:
+        if name in active and -streaks[name] < thresholds.clear_after_s:
+            result[name] = conditions.get(name, active[name])
+        elif name not in active and streaks[name] >= thresholds.fire_after_s:
+            result[name] = conditions[name]
+    return result
 
 
 def transitions(previous: dict[str, str], current: dict[str, str]) -> tuple[list[str], list[str]]:

@@ -8,7 +8,11 @@ the slots' accept queues, and open streams. Rules:
 - a mean busy ratio at or above `scale_up_at` for `up_after_s` scales up by one;
 - a mean busy ratio at or below `scale_down_at` for `down_after_s` scales down by one;
 - nothing changes within `cooldown_s` of the previous change (except a backlog, after `backlog_cooldown_s`),
-  and the gap between the two thresholds is the hysteresis: steady load never oscillates;
+  and the gap between the two thresholds is the hysteresis;
+- a change is made only when the opposite rule would not undo it at the same load (the mean busy ratio
+  projected onto the new count stays inside the thresholds): a connection caught waiting in an accept
+  queue is common far from saturation, and without this rule it adds a worker that the idle rule then
+  removes, over and over. With it, steady load never oscillates;
 - the count stays within [max(min_workers, floor), max_workers]; `mcpherd scale N` sets the floor for
   the next cooldown_s so an operator's decision is not undone at once.
 """
@@ -68,21 +72,26 @@ def decide(m: Measurement, state: ScaleState, policy: AutoscalePolicy, max_worke
     floor = max(policy.min_workers, state.floor if m.at < state.floor_until else 0)
     mean = sum(m.busy) / len(m.busy) if m.busy else 0.0
     hold = Decision(m.workers, "hold", f"mean busy {mean:.2f}")
+    # The mean busy ratio the same load would give one worker more / one fewer.
+    with_more, with_fewer = mean * m.workers / (m.workers + 1), mean * m.workers / max(1, m.workers - 1)
     if m.workers < floor:
         return Decision(floor, "up", f"below the floor of {floor}"), replace(state, last_change_at=m.at)
     if m.workers > ceiling:
         return Decision(ceiling, "down", f"above the ceiling of {ceiling}"), replace(state, last_change_at=m.at)
-    if m.queued > 0 and m.workers < ceiling and m.at - state.last_change_at >= policy.backlog_cooldown_s:
+    if m.queued > 0 and m.workers < ceiling and m.at - state.last_change_at >= policy.backlog_cooldown_s \
+            and with_more > policy.scale_down_at:
         return (Decision(m.workers + 1, "up", f"{m.queued} connections waiting in accept queues"),
                 ScaleState(None, None, m.at, state.floor, state.floor_until))
     above_since = (state.above_since if state.above_since is not None else m.at) if mean >= policy.scale_up_at else None
     below_since = (state.below_since if state.below_since is not None else m.at) if mean <= policy.scale_down_at else None
     state = replace(state, above_since=above_since, below_since=below_since)
     cooled = m.at - state.last_change_at >= policy.cooldown_s
-    if above_since is not None and m.at - above_since >= policy.up_after_s and cooled and m.workers < ceiling:
+    if above_since is not None and m.at - above_since >= policy.up_after_s and cooled and m.workers < ceiling \
+            and with_more > policy.scale_down_at:
         reason = f"mean busy {mean:.2f} >= {policy.scale_up_at:g} for {m.at - above_since:.0f}s"
         return Decision(m.workers + 1, "up", reason), ScaleState(None, None, m.at, state.floor, state.floor_until)
-    if below_since is not None and m.at - below_since >= policy.down_after_s and cooled and m.workers > floor:
+    if below_since is not None and m.at - below_since >= policy.down_after_s and cooled and m.workers > floor \
+            and with_fewer < policy.scale_up_at:
         reason = f"mean busy {mean:.2f} <= {policy.scale_down_at:g} for {m.at - below_since:.0f}s"
         return Decision(m.workers - 1, "down", reason), ScaleState(None, None, m.at, state.floor, state.floor_until)
     return hold, state

@@ -21,6 +21,7 @@ import asyncio
 import logging
 import random
 import socket
+from collections import deque
 from typing import Any
 
 import msgspec
@@ -50,6 +51,11 @@ class Bridge:
         self.loop = asyncio.get_running_loop()
         self.stopping = asyncio.Event()
         self.up: bool | None = None
+        # Messages for the master wait here, in order, while its channel is full (a burst of events from
+        # Redis outruns it): dropping one would lose an event for this whole host.
+        self.backlog: deque[Any] = deque()
+        self.drained = asyncio.Event()
+        self.drained.set()
 
     async def run(self) -> None:
         self.channel.setblocking(False)
@@ -82,6 +88,9 @@ class Bridge:
         nothing, so the subscription is PINGed and must hear something within HEALTH_TIMEOUT_S."""
         heard = pinged = self.loop.time()
         while True:
+            if self.backlog:  # backpressure: Redis holds what we cannot hand the master yet
+                await self.drained.wait()
+                heard = pinged = self.loop.time()
             message = await pubsub.get_message(timeout=HEALTH_INTERVAL_S)
             now = self.loop.time()
             if message is not None:
@@ -101,14 +110,29 @@ class Bridge:
             return
         if channel.endswith(b":events"):
             if first != self.host:  # our own events are already in our ring
-                control.send(self.channel, control.Inbound(second))
+                self._to_master(control.Inbound(second))
         else:
-            control.send(self.channel, control.RemoteDeliver(first, second))
+            self._to_master(control.RemoteDeliver(first, second))
 
     def _state(self, up: bool, detail: str) -> None:
         if up != self.up:
             self.up = up
-            control.send(self.channel, control.RedisState(up, detail))
+            self._to_master(control.RedisState(up, detail))
+
+    def _to_master(self, message: Any) -> None:
+        if not self.backlog and control.send(self.channel, message):
+            return
+        self.backlog.append(message)
+        if len(self.backlog) == 1:
+            self.drained.clear()
+            self.loop.add_writer(self.channel.fileno(), self._drain)
+
+    def _drain(self) -> None:
+        while self.backlog and control.send(self.channel, self.backlog[0]):
+            self.backlog.popleft()
+        if not self.backlog:
+            self.loop.remove_writer(self.channel.fileno())
+            self.drained.set()
 
     # -- master -> Redis -----------------------------------------------------------------------
     def _readable(self) -> None:
@@ -133,7 +157,7 @@ class Bridge:
         elif isinstance(message, control.L2Invalidate):
             event = events.decode(message.event)
             ok = await self.l2.invalidate(event.key, event.tag_, event.prefix, event.all)
-            control.send(self.channel, control.L2Done(message.request_id, ok))
+            self._to_master(control.L2Done(message.request_id, ok))
 
     async def _publish(self, channel: str, payload: list[Any]) -> None:
         try:

@@ -35,8 +35,10 @@ class Observer:
         self.history: deque[dict[str, Any]] = deque(maxlen=HISTORY_S)
         self.timeline: deque[dict[str, Any]] = deque(maxlen=TIMELINE)
         self.active: dict[str, str] = {}
+        self.streaks: dict[str, int] = {}  # consecutive seconds each condition held (+) or not (-)
         self.previous: metrics.Totals | None = None
         self.previous_drops = 0
+        self.previous_at = time.monotonic()
         self.snapshot = b"{}"
         self._p50: float | None = None
         psutil.cpu_percent(None)  # the first call only starts the measurement
@@ -47,10 +49,12 @@ class Observer:
 
     def tick(self, document: dict[str, Any]) -> None:
         master = self.master
-        totals = master.cluster_totals()
+        totals, now = master.cluster_totals(), time.monotonic()
         window = self._window(totals, document)
-        self.previous = totals
-        current = alerts.evaluate(window, master.config.alerts)
+        # A tick comes at least a second after the last one, later when the loop was busy: a rate per second.
+        elapsed, self.previous, self.previous_at = max(1.0, now - self.previous_at), totals, now
+        conditions = alerts.evaluate(window, master.config.alerts)
+        current = alerts.debounce(conditions, self.active, self.streaks, master.config.alerts)
         fired, cleared = alerts.transitions(self.active, current)
         for name in fired:
             log.warning("alert %s fired: %s", name, current[name])
@@ -59,7 +63,7 @@ class Observer:
             log.info("alert %s cleared", name)
             self.record("alert", f"{name} cleared")
         self.active = current
-        point = {"at": time.time(), "rps": window.requests, "p99_ms": _ms(window.p99_s),
+        point = {"at": time.time(), "rps": round(window.requests / elapsed, 1), "p99_ms": _ms(window.p99_s),
                  "p50_ms": _ms(self._p50), "error_rate": window.errors / window.requests if window.requests else 0.0,
                  "inflight": sum(w["inflight"] for w in document["workers"]),
                  "cache_hit_ratio": window.cache_hits / window.cache_lookups if window.cache_lookups else None}

@@ -62,7 +62,7 @@ class Master:
         self.started_at = time.time()
         self.generation = int(os.environ.pop("MCPHERD_GENERATION", "1"))
         self.cpu_order = placement(read_topology(), allowed_cpus())
-        self.max_slots = max(len(self.cpu_order), self._configured_workers())
+        self.max_slots = max(len(self.cpu_order), self._configured_workers(), config.autoscale.max_workers)
         self.target = self._configured_workers()
         self.slots = [Slot(i, cpu_for_slot(self.cpu_order, i)) for i in range(self.max_slots)]
         self.groups: list[ListenerGroup] = []
@@ -105,6 +105,7 @@ class Master:
     # -- setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
         self.secret = self.upgrade.inherited_secret() or self._agreed_secret() or _load_secret(self.config.secret_file)
+        self._serve_admin()  # first: a second master must say "already running" before binding anything
         inherited = os.environ.pop(INHERIT_ENV, "")
         activated = activated_sockets()
         if inherited:
@@ -114,6 +115,8 @@ class Master:
             log.info("socket activation: serving %s (bind addresses in the configuration are not used)",
                      ", ".join(g.address for g in self.groups))
         else:
+            for host, port in self.config.binds:
+                _refuse_if_served(host, port)
             self.groups = [ListenerGroup(host, port) for host, port in self.config.binds]
         for group in self.groups:
             group.ensure(self.max_slots)
@@ -125,7 +128,6 @@ class Master:
         self.selector.register(read_fd, selectors.EVENT_READ, self._read_signals)
         for slot in self.slots[: self.target]:
             slot.wanted = True
-        self._serve_admin()
         self._serve_metrics()
         self._title()
         log.info("master %d serving %s with %d workers (generation %d)", self.pid,
@@ -236,19 +238,20 @@ class Master:
                                                                        for s in live if s.current), queued)
         decision, self.scale_state = autoscale.decide(measurement, self.scale_state, self.config.autoscale,
                                                       len(self.cpu_order))
-        if decision.direction != "hold" and decision.target != self.target:
+        wanted = min(decision.target, self.max_slots)  # a reload may raise max_workers past the slots made at start
+        if decision.direction != "hold" and wanted != self.target:
             self.scale_events_count[decision.direction] += 1
             self.last_decision = {"at": time.time(), "direction": decision.direction, "reason": decision.reason}
-            log.info("autoscale %s to %d workers: %s", decision.direction, decision.target, decision.reason)
-            self.timeline("autoscale", f"{decision.direction} to {decision.target}: {decision.reason}")
-            self.set_target(decision.target, f"autoscale: {decision.reason}")
+            log.info("autoscale %s to %d workers: %s", decision.direction, wanted, decision.reason)
+            self.timeline("autoscale", f"{decision.direction} to {wanted}: {decision.reason}")
+            self.set_target(wanted, f"autoscale: {decision.reason}")
 
     # -- what the status document needs --------------------------------------------------------
     def autoscale_status(self) -> dict[str, object]:
         policy = self.config.autoscale
         return {"enabled": policy.enabled, "min": policy.min_workers,
-                "max": policy.max_workers or len(self.cpu_order), "last_decision": self.last_decision,
-                "scale_events": dict(self.scale_events_count)}
+                "max": min(policy.max_workers or len(self.cpu_order), self.max_slots),
+                "last_decision": self.last_decision, "scale_events": dict(self.scale_events_count)}
 
     def _totals(self) -> dict[str, int]:
         if self.metrics is not None:
@@ -365,6 +368,8 @@ class Master:
         except ConfigError as exc:
             self.reload_failed = str(exc)
             log.error("reload refused, keeping the running configuration: %s", exc)
+            self.notifier.reloading()  # Type=notify-reload waits for RELOADING=1 then READY=1
+            self.notifier.ready(f"reload refused: {exc}")
             return
         if config.binds != self.config.binds:
             log.warning("bind addresses cannot change on reload (restart the service); keeping %s",
@@ -672,6 +677,20 @@ class Master:
                      + " ".join(g.address for g in self.groups))
 
 
+def _refuse_if_served(host: str, port: int) -> None:
+    """SO_REUSEPORT lets a second server of the same user join the port and silently take half of its
+    connections; refuse to start on an address something already answers on."""
+    if port == 0:
+        return
+    probe_host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    family = socket.AF_INET6 if ":" in probe_host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.settimeout(0.5)
+        if probe.connect_ex((probe_host, port)) == 0:
+            raise ConfigError(f"{host}:{port} is already served by another process (another mcpherd?); "
+                              "refusing to share its port")
+
+
 def _streams(slot: Slot) -> int:
     return slot.current.cell.get(layout.F_STREAMS) if slot.current is not None else 0
 
@@ -733,8 +752,9 @@ def _load_secret(path: str) -> bytes:
 
 
 def serve(config: Config, config_path: str | None, overrides: dict[str, object]) -> int:
+    master = Master(config, config_path, overrides)
     try:
-        return Master(config, config_path, overrides).run()
+        return master.run()
     except ConfigError as exc:
         print(f"mcpherd: {exc}", file=sys.stderr)
         return 1
@@ -743,3 +763,6 @@ def serve(config: Config, config_path: str | None, overrides: dict[str, object])
             print(f"mcpherd: cannot listen: {exc.strerror}", file=sys.stderr)
             return 1
         raise
+    finally:
+        if master.admin is not None and master.running:  # setup failed half-way: leave nothing behind
+            master.admin.close(unlink=True)

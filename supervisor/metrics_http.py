@@ -4,8 +4,9 @@ It answers GET and HEAD for the paths in its `routes` (path -> `Reply` maker), 4
 405 for other methods, without ever blocking the loop or starting a thread: non-blocking sockets, a
 pending buffer per client and no reading from a client until its previous response is out (so a
 client that pipelines a flood gets at most MAX_PIPELINED answers per read, then is closed). At most
-`max_clients` clients at a time, each closed when it has not completed a request-response exchange
-within `timeout_s` of connecting or of its last response (checked by `tick`, once per loop turn).
+`max_clients` request-response clients at a time, each closed when it has not completed an exchange
+within `timeout_s` of connecting or of its last response (checked by `tick`, once per loop turn), plus
+at most `max_streams` SSE viewers, counted apart so that open dashboards never lock out a scrape.
 
 Callbacks registered in the selector take no arguments (`key.data()`), as the master's loop calls them.
 """
@@ -142,7 +143,7 @@ class MetricsServer:
                 log.warning("metrics: accept failed (%s); retrying next tick", errno.errorcode.get(exc.errno or 0, exc))
                 self._pause_accepting()
                 return
-            if len(self.clients) >= self.max_clients:
+            if len(self.clients) - len(self.streams) >= self.max_clients:
                 sock.close()
                 continue
             sock.setblocking(False)
@@ -192,7 +193,9 @@ class MetricsServer:
             self._start_stream(client, self.stream_routes[path])
             return
         route = self.routes.get(path)
-        if route is None:
+        if path in self.stream_routes:  # a stream path exists: wrong method, or every viewer place taken
+            reply = _text(405 if method != b"GET" else 503)
+        elif route is None:
             reply = _text(404)
         elif method not in (b"GET", b"HEAD"):
             reply = _text(405)

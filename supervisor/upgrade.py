@@ -1,6 +1,7 @@
 """SIGUSR2: replace the master binary without closing a listening socket (nginx's binary upgrade).
 
-    old master            fork + exec `python -m mcpherd <same args>`, handing over every listening
+    old master            fork twice + exec `python -m mcpherd <same args>` (see _spawn_new_master),
+                          handing over every listening
                           socket (MCPHERD_LISTEN_FDS) and the cluster secret (a memfd), so sessions
                           and request states stay valid
     new master            adopts the sockets, starts its own workers (next generation, new code)
@@ -12,8 +13,8 @@
     new master            on "mainpid" starts talking to systemd (READY=1, WATCHDOG=1, STATUS=)
 
 A SIGTERM without "takeover" first is a stop request (systemd, an operator) arriving mid-upgrade: the
-old master stops the new one too. If the new master dies before it takes over, the old one reaps it,
-logs why and keeps serving.
+old master stops the new one too. If the new master dies before it takes over, its end of the channel
+closes: the old one logs it and keeps serving.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import os
 import signal
 import socket
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from mcpherd.supervisor.notify import HELD_ENV
 from mcpherd.supervisor.sockets import INHERIT_ENV
@@ -70,28 +71,29 @@ class Upgrade:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         env[HANDOVER_ENV] = str(theirs.fileno())
         argv = [sys.executable, "-m", "mcpherd", *sys.argv[1:]]
-        pid = os.fork()
-        if pid == 0:
-            try:
-                os.set_inheritable(theirs.fileno(), True)
-                os.set_inheritable(secret_fd, True)
-                for sock in extra.values():
-                    os.set_inheritable(sock.fileno(), True)
-                os.execve(sys.executable, argv, env)
-            finally:
-                os._exit(127)
-        for group in self.master.groups:  # only the child needed them inheritable
+        intermediate = os.fork()
+        if intermediate == 0:
+            _spawn_new_master(argv, env, theirs, [secret_fd, *(sock.fileno() for sock in extra.values())])
+        os.waitpid(intermediate, 0)
+        for group in self.master.groups:  # only the new master needed them inheritable
             for sock in group.sockets:
                 os.set_inheritable(sock.fileno(), False)
         os.close(secret_fd)
         theirs.close()
+        ours.settimeout(5.0)
+        try:
+            pid = int(ours.recv(64))
+        except (OSError, ValueError):
+            log.error("upgrade failed, this master keeps serving: the new master could not be started")
+            ours.close()
+            return
         ours.setblocking(False)
         self.channel = ours
         self.child_pid = pid
         log.info("upgrade: started new master %d", pid)
 
     def reaped(self, pid: int, status: int) -> bool:
-        """True if `pid` was the new master: it died before taking over."""
+        """True if `pid` was the new master (only when this master is also the reaper of orphans)."""
         if pid != self.child_pid or not pid:
             return False
         self.child_pid = 0
@@ -115,6 +117,22 @@ class Upgrade:
             log.warning("stop requested during an upgrade: stopping the new master %d too", self.child_pid)
             os.kill(self.child_pid, signal.SIGTERM)
         return self.handed_over
+
+    def _watch_new_master(self) -> None:
+        """Old side: the new master is not our child (no SIGCHLD); its end of the channel closes if it dies."""
+        if self.handed_over or self.aborted or self.channel is None:
+            return
+        try:
+            if self.channel.recv(1, socket.MSG_PEEK):
+                return  # "takeover": superseded() reads it on the SIGTERM that follows
+        except BlockingIOError:
+            return
+        except OSError:
+            pass
+        self.failed = f"new master {self.child_pid} exited before taking over (its log lines say why)"
+        log.error("upgrade failed, this master keeps serving: %s", self.failed)
+        self.child_pid = 0
+        self._close_channel()
 
     def _close_channel(self) -> None:
         if self.channel is not None:
@@ -148,6 +166,8 @@ class Upgrade:
         return secret
 
     def tick(self) -> None:
+        if self.child_pid:
+            self._watch_new_master()
         if not self.predecessor:
             self._await_mainpid()
             return
@@ -171,6 +191,29 @@ class Upgrade:
             self.master.notifier.release()
         if answer is not None:  # the answer, or EOF: the old master is gone
             self._close_channel()
+
+
+def _spawn_new_master(argv: list[str], env: dict[str, str], channel: socket.socket, fds: list[int]) -> NoReturn:
+    """The intermediate child: fork the new master, tell the old one its pid, exit.
+
+    Orphaned at once, the new master is adopted by the service manager (PID 1, or a subreaper), so
+    systemd takes it as its own child when MAINPID= names it. It would not wait for the exit of a main
+    pid that is not its child: on stop, KillMode=mixed would SIGKILL it right after SIGTERM.
+    """
+    code = 127
+    try:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                for fd in (channel.fileno(), *fds):
+                    os.set_inheritable(fd, True)
+                os.execve(sys.executable, argv, env)
+            finally:
+                os._exit(127)
+        channel.send(str(pid).encode())
+        code = 0
+    finally:
+        os._exit(code)
 
 
 def _inherited_channel() -> socket.socket | None:

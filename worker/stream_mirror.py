@@ -30,6 +30,7 @@ class StreamMirror:
         self.client = client
         self.prefix = prefix
         self.loop = asyncio.get_running_loop()
+        self.last_append: dict[str, asyncio.Task[None]] = {}  # per key: appends must land in order
 
     def key(self, token: str, stream_id: str) -> str:
         return f"{self.prefix}stream:{hashlib.sha256(token.encode()).hexdigest()[:24]}:{stream_id}"
@@ -37,9 +38,16 @@ class StreamMirror:
     def record(self, token: str, stream_id: str, seq: int, data: bytes | None) -> None:
         """Append one event (data None: the stream is complete)."""
         fields = {"s": seq, "d": data} if data is not None else {"s": seq, "done": 1}
-        self.loop.create_task(self._append(self.key(token, stream_id), fields))
+        key = self.key(token, stream_id)
+        task = self.loop.create_task(self._append(key, fields, self.last_append.get(key)))
+        self.last_append[key] = task
+        task.add_done_callback(lambda done: self.last_append.pop(key) if self.last_append.get(key) is done else None)
 
-    async def _append(self, key: str, fields: dict[str, Any]) -> None:
+    async def _append(self, key: str, fields: dict[str, Any], previous: asyncio.Task[None] | None) -> None:
+        # Concurrent appends go out on different pooled connections and may land out of order: the
+        # end marker before the result would end a resumed stream without it. So each waits for the last.
+        if previous is not None:
+            await asyncio.wait([previous])
         try:
             async with self.client.pipeline(transaction=False) as pipe:
                 pipe.xadd(key, fields, maxlen=1024, approximate=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import sys
 from typing import Any
@@ -81,6 +82,7 @@ def serve(args: argparse.Namespace) -> int:
         print(f"mcpherd: {exc}", file=sys.stderr)
         return 2
     setup_logging(config.log_level, config.log_file)
+    faulthandler.enable()  # systemd's watchdog aborts a hung master (SIGABRT): log where it hung
     try:
         return run_master(config, args.config, overrides)
     except ConfigError as exc:

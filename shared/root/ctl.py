@@ -42,7 +42,10 @@ class AdminClient:
 
     def call(self, cmd: str, **args: Any) -> Any:
         try:
-            self.sock.sendall(admin.encode({"v": admin.VERSION, "cmd": cmd, "args": args}))
+            try:
+                self.sock.sendall(admin.encode({"v": admin.VERSION, "cmd": cmd, "args": args}))
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # a master that refused us answered and closed at once: its reply is still to be read
             while b"\n" not in self.buffer:
                 chunk = self.sock.recv(65536)
                 if not chunk:

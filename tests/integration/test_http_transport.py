@@ -1,0 +1,104 @@
+"""HTTP/1.1 as clients use it: keep-alive, pipelining answered in order, connection close, gzip."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import Callable
+from typing import Any
+
+from conftest import Process, RawHttp, initialize, mcp_headers, modern_call, modern_headers, modern_meta, rpc_body, start_worker
+
+
+def echo(text: str, request_id: int) -> bytes:
+    return rpc_body("tools/call", {"name": "echo", "arguments": {"text": text}}, request_id)
+
+
+def test_one_connection_serves_many_requests(worker: str) -> None:
+    with RawHttp(worker) as http:
+        session = initialize(http)
+        for i in range(200):
+            reply = http.request("POST", mcp_headers(session), echo(f"n{i}", i))
+            assert reply.json()["result"]["content"][0]["text"] == f"n{i}"
+            assert "connection" not in reply.headers
+
+
+def test_pipelined_requests_are_answered_in_request_order(worker: str) -> None:
+    with RawHttp(worker) as http:
+        session = initialize(http)
+        headers = mcp_headers(session)
+        requests = [
+            rpc_body("tools/call", {"name": "slow_io", "arguments": {"seconds": 0.3}}, 0),  # finishes last
+            echo("first", 1),
+            rpc_body("tools/call", {"name": "test_tool_with_progress", "arguments": {},
+                                    "_meta": {"progressToken": "p"}}, 2),  # an SSE answer in the middle
+            echo("second", 3),
+            rpc_body("ping", {}, 4),
+        ]
+        http.send(b"".join(http.build("POST", headers, body) for body in requests))
+        replies = [http.read_reply() for _ in requests]
+        assert [r.status for r in replies] == [200] * 5, replies
+        assert replies[0].json()["result"]["content"][0]["text"] == "waited 0.3s"
+        assert replies[1].json()["result"]["content"][0]["text"] == "first"
+        assert replies[2].headers["content-type"] == "text/event-stream", replies[2]
+        assert [m.get("id") for m in replies[2].messages()] == [None, None, None, 2], replies[2]
+        assert replies[3].json()["result"]["content"][0]["text"] == "second"
+        assert replies[4].json() == {"jsonrpc": "2.0", "id": 4, "result": {}}
+        again = http.request("POST", headers, echo("after", 5))  # the connection is still usable
+        assert again.json()["result"]["content"][0]["text"] == "after"
+
+
+def test_pipelined_stateless_requests_in_order(worker: str) -> None:
+    calls: list[dict[str, Any]] = [{"name": "slow_io", "arguments": {"seconds": 0.05}} if i % 5 == 0 else
+             {"name": "echo", "arguments": {"text": str(i)}} for i in range(20)]
+    with RawHttp(worker) as http:
+        http.send(b"".join(http.build("POST", modern_headers("tools/call", call["name"]),
+                                      rpc_body("tools/call", {**call, "_meta": modern_meta()}, i))
+                           for i, call in enumerate(calls)))
+        replies = [http.read_reply().json() for _ in calls]
+        assert [r["id"] for r in replies] == list(range(20))
+        assert [r["result"]["content"][0]["text"] for r in replies] == \
+            ["waited 0.05s" if i % 5 == 0 else str(i) for i in range(20)]
+
+
+def test_connection_close_is_honoured(worker: str) -> None:
+    with RawHttp(worker) as http:
+        session = initialize(http)
+        reply = http.request("POST", mcp_headers(session, connection="close"), rpc_body("ping", {}))
+        assert reply.status == 200 and reply.headers["connection"] == "close"
+        assert http.closed_by_peer()
+    with RawHttp(worker) as http:
+        body = rpc_body("ping", {})
+        head = http.build("POST", mcp_headers(session), body).replace(b"HTTP/1.1", b"HTTP/1.0", 1)
+        http.send(head)
+        reply = http.read_reply()
+        assert reply.status == 200 and reply.json()["result"] == {}
+        assert http.closed_by_peer()
+
+
+def test_large_json_answers_are_gzipped_when_accepted(worker: str) -> None:
+    with RawHttp(worker) as http:
+        session = initialize(http)
+        plain = http.request("POST", mcp_headers(session), rpc_body("tools/list", {}, 1))
+        assert len(plain.body) > 1024 and "content-encoding" not in plain.headers
+        packed = http.request("POST", mcp_headers(session, accept_encoding="gzip, deflate"), rpc_body("tools/list", {}, 1))
+        assert (packed.headers["content-encoding"], packed.headers["vary"]) == ("gzip", "accept-encoding")
+        assert int(packed.headers["content-length"]) == len(packed.body) < len(plain.body)
+        assert gzip.decompress(packed.body) == plain.body
+        small = http.request("POST", mcp_headers(session, accept_encoding="gzip"), rpc_body("ping", {}, 2))
+        assert "content-encoding" not in small.headers and small.json()["result"] == {}
+        big_echo = http.request("POST", mcp_headers(session, accept_encoding="gzip"), echo("z" * 5000, 3))
+        assert json.loads(gzip.decompress(big_echo.body))["result"]["content"][0]["text"] == "z" * 5000
+        modern = modern_call(http, "tools/list", {})  # no Accept-Encoding: identity
+        assert "content-encoding" not in modern.headers and len(modern.json()["result"]["tools"]) > 30
+
+
+def test_quiet_streams_get_keepalive_comments(spawn: Callable[..., Process]) -> None:
+    url = start_worker(spawn, "limits=HttpLimits(sse_keepalive_interval=1.0)")
+    with RawHttp(url) as http, RawHttp(url) as stream:
+        session = initialize(http)
+        stream.send(stream.build("GET", mcp_headers(session)))
+        assert stream.read_head()[0] == 200
+        assert stream.read_chunk().startswith(b"id: ")  # the priming event
+        assert stream.read_chunk() == b": keepalive\n\n"  # within the sweep after a second of silence
+        assert stream.read_chunk() == b": keepalive\n\n"

@@ -1,0 +1,162 @@
+"""The L2 cache in a real redis-server, shared by two clusters: read-through, TTL, bounds, invalidation.
+
+A cacheable tool's result is looked up in the worker's L1, then in Redis (L2), then computed; computed
+results go to both with the tool's TTL. The demo's `weather` (ttl 30 s, tag "weather") returns a new
+`computed_at` on each computation, so "served from a cache" and "computed again" are told apart exactly.
+Host A has one worker, host B two; Redis keys are inspected directly.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from mcpherd.worker.cache import cache_key
+
+from conftest import (
+    Cluster,
+    RawHttp,
+    RedisServer,
+    Spawner,
+    connect_to_workers,
+    modern_call,
+    start_cluster_at,
+    tool_text,
+    wait_redis_up,
+    wait_until,
+)
+
+PREFIX = "mcpherd:"
+TTL_MS = 30_000
+
+
+@dataclass
+class Shared:
+    a: Cluster
+    b: Cluster
+    redis: RedisServer
+    store: Any  # a redis.Redis client on the same server
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shared]:
+    spawner = Spawner(tmp_path_factory.mktemp("l2"))
+    directories = [tempfile.mkdtemp(prefix="mcpherd-test-", dir="/tmp") for _ in "ab"]
+    try:
+        redis = RedisServer(spawner).start()
+        a = start_cluster_at(spawner, directories[0], "127.0.0.1", 1, "--redis", redis.url)
+        b = start_cluster_at(spawner, directories[1], "127.0.0.1", 2, "--redis", redis.url)
+        for cluster in (a, b):
+            wait_redis_up(cluster)
+        with redis.client() as store:
+            yield Shared(a, b, redis, store)
+    finally:
+        spawner.stop_all()
+        for directory in directories:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def weather_key(city: str) -> str:
+    return cache_key("weather", json.dumps({"city": city}).encode())
+
+
+def weather(http: RawHttp, city: str) -> float:
+    reply = modern_call(http, "tools/call", {"name": "weather", "arguments": {"city": city}}, 3)
+    assert reply.status == 200, reply
+    return float(reply.json()["result"]["structuredContent"]["computed_at"])
+
+
+def stored(shared: Shared, city: str) -> Any:
+    data = shared.store.get(f"{PREFIX}cache:{weather_key(city)}")
+    return None if data is None else msgspec.msgpack.decode(data)
+
+
+def unique(name: str) -> str:
+    return f"{name}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.mark.timeout(90)
+def test_a_result_computed_on_a_is_read_through_l2_by_every_worker_of_b(shared: Shared) -> None:
+    city = unique("Quito")
+    with RawHttp(shared.a.url) as on_a:
+        computed = weather(on_a, city)
+    entry = wait_until(lambda: stored(shared, city), 5.0, message="the result written to L2")
+    assert entry["structuredContent"]["computed_at"] == computed
+    held = connect_to_workers(shared.b.url, shared.b.worker_pids())
+    try:
+        # Neither worker of B has it in L1, so both read it from L2: the very value A computed.
+        assert {pid: weather(http, city) for pid, http in held.items()} == {pid: computed for pid in held}
+        shared.store.delete(f"{PREFIX}cache:{weather_key(city)}")
+        # ... and now hold it in their L1: gone from Redis, still served, still not recomputed.
+        assert {pid: weather(http, city) for pid, http in held.items()} == {pid: computed for pid in held}
+    finally:
+        for http in held.values():
+            http.close()
+
+
+@pytest.mark.timeout(90)
+def test_l2_entries_carry_the_tool_ttl_and_tag_sets_expire_too(shared: Shared) -> None:
+    city = unique("Lima")
+    with RawHttp(shared.b.url) as on_b:
+        weather(on_b, city)
+    wait_until(lambda: stored(shared, city), 5.0, message="the result written to L2")
+    entry_ttl = shared.store.pttl(f"{PREFIX}cache:{weather_key(city)}")
+    assert 0 < entry_ttl <= TTL_MS, entry_ttl
+    assert shared.store.sismember(f"{PREFIX}tag:weather", weather_key(city))
+    # A tag set outliving every entry it names would grow without bound: it must expire with them.
+    tag_ttl = shared.store.pttl(f"{PREFIX}tag:weather")
+    assert 0 < tag_ttl <= TTL_MS, f"the tag set's PTTL is {tag_ttl} (-1: it never expires)"
+
+
+@pytest.mark.timeout(90)
+def test_key_tag_and_prefix_invalidations_delete_the_shared_entries(shared: Shared) -> None:
+    cities = {name: unique(name) for name in ("Paris", "Porto", "Oslo", "Rome")}
+    with RawHttp(shared.a.url) as on_a, RawHttp(shared.b.url) as on_b:
+        first = {name: weather(on_a, city) for name, city in cities.items()}
+        for city in cities.values():
+            wait_until(lambda: stored(shared, city), 5.0, message=f"{city} written to L2")
+        # key: the demo's refresh_weather(city) invalidates one call's key, on every host and in L2.
+        reply = modern_call(on_a, "tools/call", {"name": "refresh_weather", "arguments": {"city": cities["Rome"]}})
+        assert tool_text(reply.json()["result"]) == f"forecasts invalidated: {cities['Rome']}"
+        assert [name for name, city in cities.items() if stored(shared, city) is None] == ["Rome"]
+        # prefix, through B's admin socket: the two cities starting with "P" and nothing else.
+        prefix = weather_key("P")[:-2]  # 'weather:{"city":"P'
+        assert shared.b.admin("invalidate", prefix=prefix)["acknowledged"] is True
+        assert sorted(name for name, city in cities.items() if stored(shared, city) is None) == \
+            ["Paris", "Porto", "Rome"]
+        # tag, through A's admin socket: everything tagged "weather", and the tag set itself.
+        assert shared.a.admin("invalidate", tag="weather")["acknowledged"] is True
+        assert [stored(shared, city) for city in cities.values()] == [None] * 4
+        assert not shared.store.exists(f"{PREFIX}tag:weather")
+        # Nothing was refilled from a stale L2 entry: A computes every forecast again.
+        assert all(weather(on_a, city) != first[name] for name, city in cities.items())
+        assert all(weather(on_b, city) != first[name] for name, city in cities.items())
+
+
+@pytest.mark.timeout(90)
+def test_a_result_larger_than_max_entry_bytes_stays_in_l1(spawn: Any, redis_server: RedisServer,
+                                                          tmp_path: Path) -> None:
+    config = tmp_path / "mcpherd.toml"
+    config.write_text("[redis]\nmax_entry_bytes = 64\n")  # a weather result is ~250 bytes
+    directory = tempfile.mkdtemp(prefix="mcpherd-test-", dir="/tmp")
+    try:
+        cluster = start_cluster_at(spawn, directory, "127.0.0.1", 1, "--config", str(config),
+                                   "--redis", redis_server.url)
+        wait_redis_up(cluster)
+        with RawHttp(cluster.url) as http, redis_server.client() as store:
+            small = modern_call(http, "tools/call", {"name": "echo", "arguments": {"text": "fits"}})
+            assert small.status == 200
+            computed = weather(http, "Bergen")
+            assert weather(http, "Bergen") == computed  # served from L1
+            assert store.keys(f"{PREFIX}cache:*") == []
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)

@@ -1,0 +1,197 @@
+"""Redis fails under load and returns: no tool call fails, metrics and logs show it, hosts resynchronise.
+
+Two clusters (A and B, two workers each) share one real redis-server. Clients call tools on both
+without pause (echo, cached forecasts, per-city invalidations) while Redis is killed (SIGKILL, a crash)
+or frozen (SIGSTOP: connections stay open and nothing answers, like a partition), then brought back.
+
+Resynchronisation, exactly: before the outage every worker of B caches a forecast; during the outage A
+invalidates it. That event cannot reach B (pub/sub keeps nothing), so B still serves the old forecast
+until Redis returns; then B must drop its caches and compute it again, well before its 30 s TTL.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from conftest import (
+    Cluster,
+    Process,
+    RawHttp,
+    RedisServer,
+    connect_to_workers,
+    free_port,
+    metric_value,
+    modern_call,
+    start_cluster_at,
+    tool_text,
+    wait_redis_up,
+    wait_until,
+)
+
+TTL_S = 30.0
+CALL_BUDGET_S = 3.0  # a call may pay Redis timeouts (0.25 s each, an invalidation 2 s), never hang
+
+
+@dataclass
+class Load:
+    """Client threads calling tools on every host until stopped; every call that failed, and when each ended."""
+
+    urls: list[str]
+    failures: list[str] = field(default_factory=list)
+    finished: list[float] = field(default_factory=list)
+    slowest_s: float = 0.0
+    stop: threading.Event = field(default_factory=threading.Event)
+    threads: list[threading.Thread] = field(default_factory=list)
+
+    def start(self, per_host: int = 2) -> Load:
+        for n, url in enumerate(self.urls * per_host):
+            self.threads.append(threading.Thread(target=self._run, args=(url, n), daemon=True))
+            self.threads[-1].start()
+        return self
+
+    def _run(self, url: str, n: int) -> None:
+        cities = [f"load-{n}-{i}" for i in range(8)]
+        http: RawHttp | None = None
+        for i in range(1_000_000):
+            if self.stop.is_set():
+                break
+            name, arguments = [("echo", {"text": f"{n}-{i}"}), ("weather", {"city": cities[i % 8]}),
+                               ("refresh_weather", {"city": cities[i % 5]})][i % 3]
+            started = time.monotonic()
+            try:
+                http = http or RawHttp(url)
+                reply = modern_call(http, "tools/call", {"name": name, "arguments": arguments}, i + 1)
+                result = reply.json().get("result") if reply.status == 200 else None
+                if result is None or result.get("isError") or (name == "echo" and tool_text(result) != f"{n}-{i}"):
+                    self.failures.append(f"{name} on {url}: {reply.status} {reply.body[:200]!r}")
+            except Exception as exc:  # a reset, a timeout: exactly what must not happen
+                self.failures.append(f"{name} on {url}: {type(exc).__name__}: {exc}")
+                http = None
+            self.slowest_s = max(self.slowest_s, time.monotonic() - started)
+            self.finished.append(time.monotonic())
+
+    def calls_between(self, start: float, end: float) -> int:
+        return sum(1 for t in list(self.finished) if start <= t <= end)
+
+    def end(self) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(30)
+
+
+@dataclass
+class Pair:
+    a: Cluster
+    b: Cluster
+    redis: RedisServer
+
+
+@pytest.fixture
+def pair(spawn: Callable[..., Process], redis_server: RedisServer) -> Iterator[Pair]:
+    directories = [tempfile.mkdtemp(prefix="mcpherd-test-", dir="/tmp") for _ in "ab"]
+    try:
+        a, b = (start_cluster_at(spawn, d, "127.0.0.1", 2, "--redis", redis_server.url) for d in directories)
+        for cluster in (a, b):
+            wait_redis_up(cluster)
+        yield Pair(a, b, redis_server)
+    finally:
+        for directory in directories:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def forecast(http: RawHttp, city: str) -> float:
+    reply = modern_call(http, "tools/call", {"name": "weather", "arguments": {"city": city}}, 5)
+    assert reply.status == 200, reply
+    return float(reply.json()["result"]["structuredContent"]["computed_at"])
+
+
+def redis_warnings(cluster: Cluster) -> list[str]:
+    return [line for line in cluster.process.output().splitlines() if " WARNING " in line and "redis" in line.lower()]
+
+
+def outage(pair: Pair, break_redis: Callable[[], None], restore_redis: Callable[[], None]) -> None:
+    """The whole scenario; `break_redis` and `restore_redis` decide what kind of outage it is."""
+    city = f"Oslo-{uuid.uuid4().hex[:8]}"
+    held = connect_to_workers(pair.b.url, pair.b.worker_pids())
+    cached = {pid: forecast(http, city) for pid, http in held.items()}
+    warmed = time.monotonic()
+    load = Load([pair.a.url, pair.b.url]).start()
+    try:
+        wait_until(lambda: len(load.finished) >= 50, 30.0, message="the load to run")
+        broken = time.monotonic()
+        break_redis()
+        for cluster in (pair.a, pair.b):
+            wait_redis_up(cluster, up=False)  # /metrics shows the outage on every host
+        with RawHttp(pair.a.url) as on_a:
+            reply = modern_call(on_a, "tools/call", {"name": "refresh_weather", "arguments": {"city": city}})
+            assert tool_text(reply.json()["result"]) == f"forecasts invalidated: {city}"
+        # Lost on the way to B: B serves what it cached (the resynchronisation below is what fixes it).
+        assert {pid: forecast(http, city) for pid, http in held.items()} == cached
+        wait_until(lambda: load.calls_between(broken, time.monotonic()) >= 30, 30.0, message="calls during the outage")
+        restored = time.monotonic()
+        restore_redis()
+        for cluster in (pair.a, pair.b):
+            wait_redis_up(cluster)
+        for pid, http in held.items():
+            wait_until(lambda: forecast(http, city) != cached[pid], 10.0, 0.05, f"worker {pid} of B to resynchronise")
+        assert time.monotonic() - warmed < TTL_S, "too slow to tell a resynchronisation from the TTL"
+        wait_until(lambda: load.calls_between(restored, time.monotonic()) >= 30, 30.0, message="calls after it")
+    finally:
+        load.end()
+        for http in held.values():
+            http.close()
+    assert load.failures == [], f"{len(load.failures)} of {len(load.finished)} tool calls failed"
+    assert load.slowest_s < CALL_BUDGET_S, f"the slowest call took {load.slowest_s:.2f}s"
+    for cluster in (pair.a, pair.b):
+        assert len(redis_warnings(cluster)) == 1, "one clear warning per outage:\n" + "\n".join(redis_warnings(cluster))
+        assert metric_value(cluster.scrape(), "mcpherd_redis_up") == 1.0
+
+
+@pytest.mark.timeout(180)
+def test_redis_killed_under_load_and_restarted(pair: Pair) -> None:
+    redis = pair.redis
+    outage(pair, redis.kill, redis.start)  # same port: the hosts reconnect to the URL they were given
+
+
+@pytest.mark.timeout(180)
+def test_redis_frozen_under_load_and_thawed(pair: Pair) -> None:
+    redis = pair.redis
+    try:
+        outage(pair, redis.pause, lambda: redis.pause(False))
+    finally:
+        redis.pause(False)  # never leave a stopped process behind
+
+
+@pytest.mark.timeout(120)
+def test_a_host_started_without_redis_serves_and_joins_when_redis_starts(
+        clusters: Callable[..., Cluster], spawn: Callable[..., Process]) -> None:
+    redis = RedisServer(spawn, port=free_port())  # its URL, before anything listens there
+    alone = clusters(1, "--redis", redis.url)
+    wait_redis_up(alone, up=False)
+    with RawHttp(alone.url) as http:
+        assert tool_text(modern_call(http, "tools/call", {"name": "echo", "arguments": {"text": "no redis"}})
+                         .json()["result"]) == "no redis"
+        computed = forecast(http, "Riga")
+        assert forecast(http, "Riga") == computed  # L1 works without Redis
+        redis.start()
+        wait_redis_up(alone)
+        # It missed whatever was invalidated before it subscribed: what it cached meanwhile is dropped.
+        wait_until(lambda: forecast(http, "Riga") != computed, 10.0, 0.05, "the resynchronisation")
+        computed = forecast(http, "Riga")
+        other = clusters(1, "--redis", redis.url)
+        wait_redis_up(other)
+        with RawHttp(other.url) as on_other:
+            modern_call(on_other, "tools/call", {"name": "refresh_weather", "arguments": {"city": "Riga"}})
+        wait_until(lambda: forecast(http, "Riga") != computed, 10.0, 0.05, "the invalidation from the other host")
+    warned = redis_warnings(alone)
+    # One warning for the outage, and one that sessions stay host-local (no shared secret) until a restart.
+    assert [("unreachable" in w, "secret" in w) for w in warned] == [(False, True), (True, False)], warned
