@@ -1,6 +1,6 @@
 """What open dashboards cost the master: its CPU with 0 vs N viewers of `/events`, and its responsiveness.
 
-    python bench/dashboard_cost.py [--viewers 50] [--workers 2] [--seconds 20 --repeats 3 --warmup 60]
+    python bench/dashboard_cost.py [--viewers 50] [--workers 2] [--seconds 20 --repeats 3 --warmup 600]
 
 One cluster (`mcpherd serve --workers W`, idle) runs for the whole run. Phases alternate between no
 viewer and `--viewers` server-sent event clients on the dashboard's `/events` (ABBA order, so that
@@ -15,10 +15,12 @@ drift in the machine's load hits both alike). Each phase lasts `--seconds`; duri
 
 The master computes one snapshot per tick for every viewer, so its cost should be the sends alone.
 A frame carries the history the master keeps (one point a second, up to ten minutes), so frames grow
-with the master's uptime until that history is full: `--warmup` seconds pass before the first phase,
-and the frame size measured is reported. The viewers are drained by one thread of this process, on
-the same machine: its CPU is not the master's and is not counted. Results go to
-bench/results/dashboard-cost-<timestamp>.json. A benchmark, not a test: it asserts nothing.
+with the master's uptime until that history is full (600 s): `--warmup` seconds pass before the first
+phase (by default, until frames have their steady-state size), and the frame size measured is reported.
+The master's CPU time is counted in clock ticks (10 ms): longer phases resolve smaller costs. The
+viewers are drained by one thread of this process, on the same machine: its CPU is not the master's
+and is not counted. Results go to bench/results/dashboard-cost-<timestamp>.json. A benchmark, not a
+test: it asserts nothing.
 """
 
 from __future__ import annotations
@@ -220,7 +222,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=20.0, help="length of one measured phase")
     parser.add_argument("--repeats", type=int, default=3, help="phases per mode (medians)")
-    parser.add_argument("--warmup", type=float, default=60.0, help="seconds the master runs before measuring")
+    parser.add_argument("--warmup", type=float, default=600.0,
+                        help="seconds the master runs before measuring (600: its history, so its frames, are full)")
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.viewers < 1 or args.workers < 1 or args.seconds <= 0 or args.repeats < 1 or args.warmup < 0:
@@ -238,7 +241,8 @@ def main() -> int:
             print(f"mcpherd: {exc}\n{exc.last_lines()}", file=sys.stderr)
             return 1
     table = {str(v): medians(phases, v) for v in (0, args.viewers)}
-    extra["viewer_cost_percent"] = table[str(args.viewers)]["master_cpu_percent"] - table["0"]["master_cpu_percent"]
+    cost = table[str(args.viewers)]["master_cpu_percent"] - table["0"]["master_cpu_percent"]
+    extra["viewer_cost_percent"] = round(cost, 3) + 0.0  # + 0.0: never print "-0.00"
     print_machine(info)
     print_report(table, extra, args)
     path = results_path("dashboard-cost", args.results)

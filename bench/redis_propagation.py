@@ -36,7 +36,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import Cluster, machine_info, print_machine, results_path, serve_argv, wait_ready, write_results
+from common import (
+    Cluster,
+    machine_info,
+    print_machine,
+    results_path,
+    serve_argv,
+    wait_ready,
+    write_results,
+)
 from propagation import parse_histogram, summary_ms
 from worker_bench import BASE_HEADERS, HOST, PATH, free_port, stop
 

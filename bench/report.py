@@ -57,7 +57,7 @@ class Step:
 
 STEPS = (
     Step("worker", "worker_bench.py", "Worker throughput: mcpherd vs the official SDK server vs the bare ceiling",
-         ("--seconds", "1", "--repeats", "1", "--warmup", "0.5"), (), 180, 1200),
+         ("--seconds", "1", "--repeats", "1", "--warmup", "1"), (), 180, 1200),
     Step("scaling", "scaling.py", "Scaling from 1 to N workers",
          ("--seconds", "1", "--repeats", "1", "--warmup", "0", "--no-plot"), ("--no-plot",), 180, 1200),
     Step("metrics_overhead", "metrics_overhead.py", "Metrics overhead (/metrics on vs off)",

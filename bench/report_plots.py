@@ -145,12 +145,13 @@ def chaos(doc: Doc, directory: Path, caption: str) -> str | None:
         return None
     parts = {"answered": doc.get("ok", 0), "failed on killed workers' connections":
              doc.get("failed_on_killed_connections", 0), "failed, unexplained": doc.get("unexplained", 0)}
-    figure, axis = plt.subplots(figsize=(7, 2.8))
+    figure, axis = plt.subplots(figsize=(8, 3))
     axis.barh(list(parts), list(parts.values()), color=["tab:green", "tab:orange", "tab:red"])
     axis.set_xscale("symlog")
     for y, value in enumerate(parts.values()):
         axis.text(value, y, f" {value:,}", va="center", fontsize=8)
-    axis.set_title(f"requests during reloads, kills and scaling: {doc.get('events', {})}", fontsize=9)
+    events = ", ".join(f"{count} x {name}" for name, count in (doc.get("events") or {}).items())
+    axis.set_title(f"every request during {events or 'no event'}", fontsize=9)
     return _save(figure, directory, "chaos.png", caption)
 
 

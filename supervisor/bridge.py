@@ -21,7 +21,6 @@ import asyncio
 import logging
 import random
 import socket
-from collections import deque
 from typing import Any
 
 import msgspec
@@ -37,6 +36,7 @@ RECONNECT_INITIAL_S = 0.2
 RECONNECT_MAX_S = 10.0
 HEALTH_INTERVAL_S = 1.0  # PING the subscription this often
 HEALTH_TIMEOUT_S = 3.0  # a subscription that heard nothing (not even a PONG) for this long is dead
+PUBLISH_BATCH = 512  # messages per pipelined round trip
 
 
 class Bridge:
@@ -51,18 +51,15 @@ class Bridge:
         self.loop = asyncio.get_running_loop()
         self.stopping = asyncio.Event()
         self.up: bool | None = None
-        # Messages for the master wait here, in order, while its channel is full (a burst of events from
-        # Redis outruns it): dropping one would lose an event for this whole host.
-        self.backlog: deque[Any] = deque()
-        self.drained = asyncio.Event()
-        self.drained.set()
+        self.outbox: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
 
     async def run(self) -> None:
         self.channel.setblocking(False)
         self.loop.add_reader(self.channel.fileno(), self._readable)
-        listener = self.loop.create_task(self._listen())
+        tasks = [self.loop.create_task(self._listen()), self.loop.create_task(self._publish_in_order())]
         await self.stopping.wait()
-        listener.cancel()
+        for task in tasks:
+            task.cancel()
 
     # -- Redis -> master -----------------------------------------------------------------------
     async def _listen(self) -> None:
@@ -88,9 +85,6 @@ class Bridge:
         nothing, so the subscription is PINGed and must hear something within HEALTH_TIMEOUT_S."""
         heard = pinged = self.loop.time()
         while True:
-            if self.backlog:  # backpressure: Redis holds what we cannot hand the master yet
-                await self.drained.wait()
-                heard = pinged = self.loop.time()
             message = await pubsub.get_message(timeout=HEALTH_INTERVAL_S)
             now = self.loop.time()
             if message is not None:
@@ -110,29 +104,14 @@ class Bridge:
             return
         if channel.endswith(b":events"):
             if first != self.host:  # our own events are already in our ring
-                self._to_master(control.Inbound(second))
+                control.send(self.channel, control.Inbound(second))
         else:
-            self._to_master(control.RemoteDeliver(first, second))
+            control.send(self.channel, control.RemoteDeliver(first, second))
 
     def _state(self, up: bool, detail: str) -> None:
         if up != self.up:
             self.up = up
-            self._to_master(control.RedisState(up, detail))
-
-    def _to_master(self, message: Any) -> None:
-        if not self.backlog and control.send(self.channel, message):
-            return
-        self.backlog.append(message)
-        if len(self.backlog) == 1:
-            self.drained.clear()
-            self.loop.add_writer(self.channel.fileno(), self._drain)
-
-    def _drain(self) -> None:
-        while self.backlog and control.send(self.channel, self.backlog[0]):
-            self.backlog.popleft()
-        if not self.backlog:
-            self.loop.remove_writer(self.channel.fileno())
-            self.drained.set()
+            control.send(self.channel, control.RedisState(up, detail))
 
     # -- master -> Redis -----------------------------------------------------------------------
     def _readable(self) -> None:
@@ -151,19 +130,29 @@ class Bridge:
 
     async def _handle(self, message: Any) -> None:
         if isinstance(message, control.Outbound):
-            await self._publish(f"{self.prefix}events", [self.host, message.event])
+            self.outbox.put_nowait((f"{self.prefix}events", msgspec.msgpack.encode([self.host, message.event])))
         elif isinstance(message, control.RemoteForward):
-            await self._publish(f"{self.prefix}host:{message.host}", [message.owner, message.payload])
+            payload = msgspec.msgpack.encode([message.owner, message.payload])
+            self.outbox.put_nowait((f"{self.prefix}host:{message.host}", payload))
         elif isinstance(message, control.L2Invalidate):
             event = events.decode(message.event)
             ok = await self.l2.invalidate(event.key, event.tag_, event.prefix, event.all)
-            self._to_master(control.L2Done(message.request_id, ok))
+            control.send(self.channel, control.L2Done(message.request_id, ok))
 
-    async def _publish(self, channel: str, payload: list[Any]) -> None:
-        try:
-            await self.publisher.publish(channel, msgspec.msgpack.encode(payload))
-        except (RedisError, OSError, asyncio.TimeoutError) as exc:
-            log.debug("publish to %s failed: %s", channel, exc)  # the subscriber reports the outage
+    async def _publish_in_order(self) -> None:
+        """The only publisher. A task per message would take a pooled connection each: a burst past the
+        pool's limit (100) fails outright, losing events, and the rest may reach Redis out of order."""
+        while True:
+            batch = [await self.outbox.get()]
+            while not self.outbox.empty() and len(batch) < PUBLISH_BATCH:
+                batch.append(self.outbox.get_nowait())
+            try:
+                async with self.publisher.pipeline(transaction=False) as pipe:
+                    for channel, data in batch:
+                        pipe.publish(channel, data)
+                    await pipe.execute()
+            except (RedisError, OSError, asyncio.TimeoutError) as exc:
+                log.debug("publishing %d messages failed: %s", len(batch), exc)  # the subscriber reports outages
 
 
 async def _discard(pubsub: Any) -> None:

@@ -31,6 +31,7 @@ from mcpherd.worker.limits import HttpLimits
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
 _GZIP_MIN_BYTES = 1024
 _CHUNK_END = b"0\r\n\r\n"
+_DRAIN_IDLE_GRACE_S = 2.0  # an idle keep-alive client may be mid-send when the drain starts
 _FIRST_REQUEST_GRACE_S = 1.0  # draining: how long a just-accepted connection may take to start its request
 # Raw header name -> its lower-case str key. Clients repeat the same few names on every request; the
 # bound keeps a client that sends endless distinct names from growing it (they are then decoded each time).
@@ -386,15 +387,15 @@ class HttpConnection(asyncio.Protocol):
     def close_when_idle(self) -> None:
         """Graceful shutdown: close now if nothing is in flight, else after the last response.
 
-        A connection accepted just before the drain began is not idle: its first request may already
-        be in the socket buffer, and closing now would reset it. It may still start one for a moment
-        (`expire` closes it after that), and closes once that is answered.
+        An idle keep-alive connection is not closed at once either: its client may be sending the next
+        request right now, and a close crossing it on the wire fails that request. It gets a short grace
+        (a connection accepted just before the drain, a shorter one for its first request); a request
+        that comes is answered with `Connection: close`, and `expire` closes the rest afterwards.
         """
         self.draining = True
-        if self.state is ConnState.IDLE and not self.fresh:
-            self._close_after_write()
-        elif self.state is ConnState.IDLE:
-            self.deadline = min(self.deadline, self._loop.time() + _FIRST_REQUEST_GRACE_S)
+        if self.state is ConnState.IDLE:
+            grace = _FIRST_REQUEST_GRACE_S if self.fresh else _DRAIN_IDLE_GRACE_S
+            self.deadline = min(self.deadline, self._loop.time() + grace)
 
 
 @functools.lru_cache(maxsize=64)

@@ -20,6 +20,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 import uuid
 import warnings
@@ -118,7 +119,7 @@ class Namespaces:
             os.close(self.home)
             self.home = None
         while self.made:
-            subprocess.run(["ip", "netns", "del", self.made.pop()], capture_output=True, timeout=15)
+            subprocess.run(["ip", "netns", "del", self.made.pop()], check=False, capture_output=True, timeout=15)
 
 
 # -- the two hosts ---------------------------------------------------------------------------------------
@@ -187,7 +188,7 @@ def test_an_invalidation_raised_on_a_is_applied_by_every_worker_of_b(hosts: Host
             reply = modern_call(http, "tools/call", {"name": "refresh_weather", "arguments": {"city": city}})
             assert tool_text(reply.json()["result"]) == f"forecasts invalidated: {city}", reply
         for pid, http in held.items():
-            wait_until(lambda: weather_at(http, city) != cached[pid], 10.0, 0.01,
+            wait_until(lambda http=http, pid=pid: weather_at(http, city) != cached[pid], 10.0, 0.01,
                        f"worker {pid} of B ({hosts.topology}) to drop the forecast invalidated on A")
     finally:
         for http in held.values():
@@ -317,6 +318,35 @@ def test_a_get_stream_dropped_on_a_resumes_through_b_and_follows_it(hosts: Hosts
     on_a.close()
     stream_b.close()
 
+@pytest.mark.timeout(120)
+def test_a_burst_of_events_raised_on_a_reaches_b_complete_and_in_order(hosts: Hosts) -> None:
+    """320 list changes raised at once by 8 clients of A: a GET stream held on B receives exactly the
+    sequence one held on A receives (the order A raised them in)."""
+    streams = []
+    for url in (hosts.a.url, hosts.b.url):
+        with RawHttp(hosts.a.url) as on_a:
+            session = initialize(on_a)
+        streams.append(open_stream(RawHttp(url), "GET", stream_headers(session)))
+        next(streams[-1])  # priming
+    failures: list[str] = []
+
+    def fire(n: int) -> None:
+        with RawHttp(hosts.a.url) as http:
+            for i in range(40):
+                tool = ("test_trigger_tool_change", "test_trigger_prompt_change")[(n + i) % 2]
+                reply = modern_call(http, "tools/call", {"name": tool, "arguments": {}}, i + 1)
+                if reply.status != 200:
+                    failures.append(f"{tool}: {reply.status}")
+    threads = [threading.Thread(target=fire, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert failures == []
+    on_a, on_b = ([next_message(events)[1]["method"] for _ in range(320)] for events in streams)
+    assert sorted(set(on_a)) == ["notifications/prompts/list_changed", "notifications/tools/list_changed"]
+    assert on_b == on_a
+
 def _partition(namespaces: Namespaces, cut: bool) -> None:
     """Drop every packet between host A and Redis, both ways (a blackhole route on each side), or stop."""
     verb = "add" if cut else "del"
@@ -352,7 +382,8 @@ def test_host_a_cut_off_from_redis_resynchronises_host_b_when_the_partition_heal
             _partition(hosts.namespaces, cut=False)
         wait_redis_up(hosts.a)
         for pid, http in held.items():
-            wait_until(lambda: weather_at(http, city) != cached[pid], 10.0, 0.05, f"worker {pid} of B to resynchronise")
+            wait_until(lambda http=http, pid=pid: weather_at(http, city) != cached[pid], 10.0, 0.05,
+                       f"worker {pid} of B to resynchronise")
         assert time.monotonic() - started < 30.0, "too slow to tell a resynchronisation from the 30 s TTL"
     finally:
         for http in held.values():

@@ -123,7 +123,7 @@ def test_key_tag_and_prefix_invalidations_delete_the_shared_entries(shared: Shar
     with RawHttp(shared.a.url) as on_a, RawHttp(shared.b.url) as on_b:
         first = {name: weather(on_a, city) for name, city in cities.items()}
         for city in cities.values():
-            wait_until(lambda: stored(shared, city), 5.0, message=f"{city} written to L2")
+            wait_until(lambda city=city: stored(shared, city), 5.0, message=f"{city} written to L2")
         # key: the demo's refresh_weather(city) invalidates one call's key, on every host and in L2.
         reply = modern_call(on_a, "tools/call", {"name": "refresh_weather", "arguments": {"city": cities["Rome"]}})
         assert tool_text(reply.json()["result"]) == f"forecasts invalidated: {cities['Rome']}"

@@ -18,7 +18,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 import pytest
 
@@ -142,7 +141,8 @@ def outage(pair: Pair, break_redis: Callable[[], None], restore_redis: Callable[
         for cluster in (pair.a, pair.b):
             wait_redis_up(cluster)
         for pid, http in held.items():
-            wait_until(lambda: forecast(http, city) != cached[pid], 10.0, 0.05, f"worker {pid} of B to resynchronise")
+            wait_until(lambda http=http, pid=pid: forecast(http, city) != cached[pid], 10.0, 0.05,
+                       f"worker {pid} of B to resynchronise")
         assert time.monotonic() - warmed < TTL_S, "too slow to tell a resynchronisation from the TTL"
         wait_until(lambda: load.calls_between(restored, time.monotonic()) >= 30, 30.0, message="calls after it")
     finally:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import Process, RawHttp, free_port, modern_call, wait_until
-from supervisor_support import alive, echo, serve_args, start_herd, tool_text, write_config
+from supervisor_support import QueuedRequests, alive, echo, serve_args, start_herd, tool_text, write_config
 
 from mcpherd.supervisor.topology import placement, read_topology
 
@@ -173,6 +173,35 @@ def test_sighup_with_a_broken_file_keeps_the_running_configuration(spawn: Callab
         assert echo(herd.url, f"new-{n}") == f"new-{n}"
     recycled = herd.wait_log(r"worker \d+ recycled after (\d+) requests")
     assert int(recycled[0].group(1)) >= 4
+
+
+SLOW_START = '''
+import os, time
+if os.path.exists(os.environ["SLOW_START_FLAG"]):
+    time.sleep(60)
+''' + GOOD_APP
+
+
+@pytest.mark.timeout(60)
+def test_kill_9_during_a_reload_restarts_workers_and_the_reload_completes(spawn: Callable[..., Process],
+                                                                          tmp_path: Path) -> None:
+    app, env = app_module(tmp_path, "slow_start_app", SLOW_START)
+    flag = tmp_path / "slow"
+    herd = start_herd(spawn, tmp_path, 1, "--app", app, env={**env, "SLOW_START_FLAG": str(flag)})
+    (current,) = herd.workers()
+    flag.touch()  # generation 2 now takes a minute to import: it is still starting while we kill
+    herd.signal(signal.SIGHUP)
+    successor = wait_until(lambda: next((pid for pid, w in herd.workers().items() if w.generation == 2), 0), 10.0,
+                           message="the generation 2 worker")
+    os.kill(current, signal.SIGKILL)
+    herd.wait_log(rf"slot 0 \(cpu \d+\): worker {current} died \(killed by SIGKILL\); restarting")
+    waiting = QueuedRequests(herd.port, 10, "no-worker")  # slot 0 has no worker ready: they wait in its queue
+    flag.unlink()
+    os.kill(successor, signal.SIGKILL)  # an outside kill says nothing about the new code
+    herd.wait_log(rf"slot 0: replacement worker {successor} was killed by SIGKILL before serving; starting another")
+    herd.wait_settled(1, 2)
+    assert waiting.results() == waiting.texts
+    assert "reload failed" not in herd.log() and herd.title() == (2, 1)
 
 
 @pytest.mark.timeout(45)

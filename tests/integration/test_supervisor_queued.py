@@ -3,7 +3,8 @@
 Deterministic set-up: SIGSTOP one worker, so that the connections the kernel steers to its slot pile up
 in that slot's accept queue (counted in /proc/net/tcp) while the other slots answer theirs. Then the
 stopped worker is (a) killed with -9, (b) reloaded away, (c) scaled down with SIGTTOU, or (d) found
-stalled by the heartbeat check. Every queued request must get its own correct answer.
+stalled by the heartbeat check. Every queued request must get its own correct answer. And a
+keep-alive request that reaches a worker just as it starts draining is answered, not reset.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Process, wait_until
+from conftest import Process, RawHttp, modern_call, wait_until
 from supervisor_support import (
     LATENCY_LINE,
     Herd,
@@ -24,8 +25,11 @@ from supervisor_support import (
     alive,
     echo,
     proc_state,
+    socket_inodes,
     start_herd,
     stop_and_wait,
+    tcp_sockets,
+    tool_text,
 )
 
 CONNECTIONS = 60  # with one stopped slot in three, P(none queued on it) = (2/3)**60 < 1e-10
@@ -95,6 +99,24 @@ def test_scale_down_of_a_stopped_worker_serves_its_queue_before_it_exits(spawn: 
     assert fresh.results() == fresh.texts
     herd.wait_settled(2, 1)
     assert f"worker {pid} (slot 2, gen 1) exited after scaled down: exit code 0" in herd.log()
+
+
+@pytest.mark.timeout(60)
+def test_a_keep_alive_request_sent_as_the_drain_begins_is_answered(spawn: Callable[..., Process],
+                                                                   tmp_path: Path) -> None:
+    herd = start_herd(spawn, tmp_path, 1)
+    (old,) = herd.workers()
+    listener = {s.inode for s in tcp_sockets(herd.port) if s.listening} & socket_inodes(old)
+    assert len(listener) == 1
+    with RawHttp(herd.url) as http:
+        assert tool_text(modern_call(http, "tools/call", {"name": "echo", "arguments": {"text": "before"}})) == "before"
+        herd.signal(signal.SIGHUP)
+        # The old worker closes its listener when it starts draining; our connection is idle then.
+        wait_until(lambda: not listener & socket_inodes(old), 10.0, 0.001, "the old worker to stop accepting")
+        reply = modern_call(http, "tools/call", {"name": "echo", "arguments": {"text": "during"}})
+        assert tool_text(reply) == "during" and reply.headers["connection"] == "close"
+        assert http.closed_by_peer(5.0)
+    herd.wait_settled(1, 2)
 
 
 @pytest.mark.timeout(60)

@@ -1,5 +1,6 @@
-"""Alerts: the pure evaluation of one second's window against thresholds, the fired/cleared transitions
-the master logs (once each), and the [alerts] table of the configuration file."""
+"""Alerts: the pure evaluation of one second's window against thresholds, the debounce over consecutive
+seconds, the fired/cleared transitions the master logs (once each), and the [alerts] table of the
+configuration file."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mcpherd.supervisor.alerts import ALERTS, AlertThresholds, Window, evaluate, transitions
+from mcpherd.supervisor.alerts import ALERTS, AlertThresholds, Window, debounce, evaluate, transitions
 from mcpherd.supervisor.config import ConfigError, load
 
 DEFAULTS = AlertThresholds()
@@ -87,6 +88,53 @@ def test_transitions_are_reported_once_and_in_a_stable_order() -> None:
 def test_a_changed_reason_is_not_a_new_alert() -> None:
     """The reason's figures move every second; the alert fired once and stays fired."""
     assert transitions({"p99_latency": "p99 6.00s > 5s"}, {"p99_latency": "p99 7.10s > 5s"}) == ([], [])
+
+
+def run_debounce(seconds: list[dict[str, str]], thresholds: AlertThresholds = DEFAULTS) -> list[dict[str, str]]:
+    """The active alerts after each second, given each second's raw conditions (the master's loop)."""
+    active: dict[str, str] = {}
+    streaks: dict[str, int] = {}
+    out = []
+    for conditions in seconds:
+        active = debounce(conditions, active, streaks, thresholds)
+        out.append(active)
+    return out
+
+
+def test_a_condition_fires_after_fire_after_s_consecutive_seconds() -> None:
+    hot = {"cpu": "CPU 90% > 85%"}
+    assert [bool(a) for a in run_debounce([hot, hot, {}, hot, hot, hot])] == [False, False, False, False, False, True]
+
+
+def test_an_alert_clears_after_clear_after_s_quiet_seconds_and_a_blip_does_not_clear_it() -> None:
+    hot = {"error_rate": "errors 9.0% > 5%"}
+    seconds = [hot] * 3 + [{}] * 9 + [hot] + [{}] * 10
+    active = [bool(a) for a in run_debounce(seconds)]
+    assert active == [False, False, True] + [True] * 9 + [True] + [True] * 9 + [False]
+    fired_and_cleared = [transitions(before, after) for before, after in
+                         zip([{}, *run_debounce(seconds)], run_debounce(seconds))]
+    assert sum(len(f) for f, _ in fired_and_cleared) == 1 and sum(len(c) for _, c in fired_and_cleared) == 1
+
+
+def test_a_flapping_condition_alerts_once() -> None:
+    """On for a second, off for a second, for a minute: one alert, held, never a storm of log lines."""
+    flapping = [{"p99_latency": "p99 6.00s > 5s"} if i % 2 else {} for i in range(60)]
+    thresholds = AlertThresholds(fire_after_s=1, clear_after_s=3)
+    states = run_debounce(flapping, thresholds)
+    changes = sum(1 for before, after in zip([{}, *states], states) if before.keys() != after.keys())
+    assert changes == 1 and "p99_latency" in states[-1]
+
+
+def test_the_reason_follows_the_latest_second_while_the_alert_holds() -> None:
+    states = run_debounce([{"cpu": "CPU 90% > 85%"}] * 3 + [{"cpu": "CPU 97% > 85%"}, {}])
+    assert states[2] == {"cpu": "CPU 90% > 85%"} and states[3] == {"cpu": "CPU 97% > 85%"}
+    assert states[4] == {"cpu": "CPU 97% > 85%"}, "quiet for a second: still active, with its last reason"
+
+
+def test_without_debounce_alerts_follow_each_second() -> None:
+    hot = {"listen_drops": "3 connections dropped by full accept queues"}
+    instant = AlertThresholds(fire_after_s=1, clear_after_s=1)
+    assert [bool(a) for a in run_debounce([hot, {}, hot], instant)] == [True, False, True]
 
 
 def test_thresholds_come_from_the_alerts_table(tmp_path: Path) -> None:
