@@ -185,6 +185,8 @@ def table(document: dict[str, Any]) -> str:
     rows.append(f"total: {totals['requests_per_s']:.1f} req/s, {totals['requests_total']} requests, "
                 f"{totals['errors_total']} errors, cache hit ratio "
                 f"{'-' if ratio is None else f'{ratio:.1%}'}")
+    for alert in master.get("alerts") or []:
+        rows.append(f"ALERT {alert['alert']}: {alert['reason']}")
     return "\n".join(row[:100] for row in rows)
 
 

@@ -39,11 +39,20 @@ def dashboard_url(cluster: Cluster) -> str:
 
 
 @pytest.fixture
-def browser(tmp_path: Path) -> Iterator[Chromium]:
-    if shutil.which("chromium") is None:
-        pytest.fail("chromium is not installed: tests/run.sh installs it (apt-get install chromium chromium-driver)")
-    with Chromium(tmp_path / "chromium-profile", tmp_path / "chromium.log") as chromium:
-        yield chromium
+def start_browser(tmp_path: Path) -> Iterator[Callable[[], Chromium]]:
+    """Starts the browser from the test's body, so that a missing chromium is a test FAILED (not an
+    ERROR in set-up, and never a skip); closes it with the test."""
+    started: list[Chromium] = []
+
+    def start() -> Chromium:
+        if shutil.which("chromium") is None:
+            pytest.fail("chromium is not installed: tests/run.sh installs it (apt-get install chromium chromium-driver)")
+        started.append(Chromium(tmp_path / "chromium-profile", tmp_path / "chromium.log"))
+        return started[-1]
+
+    yield start
+    for chromium in started:
+        chromium.close()
 
 
 class EchoBurst:
@@ -78,8 +87,10 @@ class EchoBurst:
                 time.sleep(0.002)  # a steady stream, not a saturating flood: the machine is shared
 
 
-def test_the_page_loads_shows_every_worker_and_moves_under_load(clusters: Callable[..., Cluster], browser: Chromium,
+def test_the_page_loads_shows_every_worker_and_moves_under_load(clusters: Callable[..., Cluster],
+                                                                 start_browser: Callable[[], Chromium],
                                                                  tmp_path: Path) -> None:
+    browser = start_browser()
     cluster = clusters(WORKERS)
     url = dashboard_url(cluster)
     browser.open(url)
@@ -110,7 +121,8 @@ def test_the_page_loads_shows_every_worker_and_moves_under_load(clusters: Callab
 
 
 def test_the_timeline_shows_restarts_and_reloads_with_their_reasons(clusters: Callable[..., Cluster],
-                                                                    browser: Chromium) -> None:
+                                                                    start_browser: Callable[[], Chromium]) -> None:
+    browser = start_browser()
     cluster = clusters(2)
     browser.open(dashboard_url(cluster))
     victim = min(cluster.worker_pids())
