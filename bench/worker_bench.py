@@ -382,6 +382,7 @@ def main() -> int:
     parser.add_argument("--wrk-cpu", type=int, default=1)
     parser.add_argument("--results", type=Path, default=BENCH / "results")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind, so that the servers are stopped
     config = {k: v for k, v in vars(args).items() if k != "results"}
     info = machine()
     with tempfile.TemporaryDirectory(prefix="mcpherd-bench-") as tmp:

@@ -348,6 +348,8 @@ class Master:
         Scale-up takes the lowest free slots; scale-down retires the workers with the fewest open
         streams (their clients have the least to lose), the highest slot on a tie.
         """
+        if not 1 <= count <= self.max_slots:
+            log.warning("%s: the worker count stays within 1..%d (asked for %d)", why, self.max_slots, count)
         count = max(1, min(count, self.max_slots))
         if count != self.target:
             log.info("target workers %d -> %d (%s)", self.target, count, why)
@@ -375,10 +377,13 @@ class Master:
             log.warning("bind addresses cannot change on reload (restart the service); keeping %s",
                         ", ".join(self.config.bind))
             config.bind = self.config.bind
+        workers_changed = config.workers != self.config.workers
         self.config = config
         self.notifier.reloading()
         self.generation += 1
         self.reloads += 1
+        if workers_changed:
+            self.set_target(self._configured_workers(), "reload: workers changed in the configuration")
         self.reload_failed = ""
         log.info("reloading: starting generation %d", self.generation)
         self.timeline("reload", f"generation {self.generation} starting")
@@ -496,7 +501,7 @@ class Master:
     def _record_death(self, slot: Slot, proc: Proc, how: str, code: int) -> None:
         now = time.monotonic()
         reason = "application failed to load" if code == EXIT_APP_LOAD_ERROR else how
-        if proc.stop_reason:
+        if proc.aborted_at:  # the master killed it: say why (a stop_reason may only name a pending replacement)
             reason = proc.stop_reason
         slot.died_at = now
         slot.restarts_total += 1
@@ -516,6 +521,8 @@ class Master:
             log.warning("slot %d (cpu %d): worker %d died (%s); restarting", slot.index, slot.cpu, proc.pid, reason)
 
     def _successor_failed(self, slot: Slot, proc: Proc, how: str, code: int) -> None:
+        if code < 0 and not proc.aborted_at and self._retry_successor(slot, proc, how):
+            return
         why = "the application failed to load" if code == EXIT_APP_LOAD_ERROR else f"it exited ({how})"
         if proc.generation > (slot.current.generation if slot.current else 0):
             self.reload_failed = f"generation {proc.generation} did not start: {why}"
@@ -530,6 +537,20 @@ class Master:
                     other.successor = None
         else:
             log.error("slot %d: replacement worker %d exited before serving: %s", slot.index, proc.pid, why)
+
+    def _retry_successor(self, slot: Slot, proc: Proc, how: str) -> bool:
+        """A replacement killed from outside (kill -9, the OOM killer) says nothing about the new code:
+        start another (reconcile does) unless the slot exceeds its restart intensity."""
+        now = time.monotonic()
+        policy.record_restart(slot.restarts, now, self.config.restart.window_s)
+        intensity = policy.Intensity(self.config.restart.max_restarts, self.config.restart.window_s,
+                                     backoff_max_s=self.config.restart.backoff_max_s)
+        if policy.restart_decision(slot.restarts, now, intensity, slot.strikes).tripped:
+            return False
+        slot.restarts_total += 1
+        log.warning("slot %d: replacement worker %d was %s before serving; starting another", slot.index,
+                    proc.pid, how)
+        return True
 
     # -- checks --------------------------------------------------------------------------------
     def check_workers(self) -> None:
@@ -626,7 +647,12 @@ class Master:
             slot.successor = self.spawn(slot, self.generation)
 
     def _steer(self) -> None:
-        live = [s.index for s in self.slots if s.wanted and (s.accepting() or not s.in_backoff(time.monotonic()))]
+        """New connections go to slots whose worker accepts now; only while none does (start-up), to
+        every wanted slot not backing off, where they wait for their worker."""
+        now = time.monotonic()
+        ready = [s.index for s in self.slots
+                 if s.wanted and s.current is not None and s.current.state is State.READY]
+        live = ready or [s.index for s in self.slots if s.wanted and (s.accepting() or not s.in_backoff(now))]
         if not live:
             return
         for group in self.groups:

@@ -248,6 +248,7 @@ class Worker:
             await self._empty_accept_queues()
         for server in self.servers:
             server.close()
+        await asyncio.sleep(0)  # uvloop runs connection_made a turn after accept: let those register first
         for session in list(self.endpoint.sessions.sessions.values()):
             get_stream = session.get_stream
             if get_stream is not None and get_stream.live is not None:

@@ -24,11 +24,10 @@ from pathlib import Path
 import pytest
 
 from conftest import Process, session_processes
+from supervisor_load import KillSnapshot, LoadClient
 from supervisor_support import (
     MASTER_TITLE,
     Herd,
-    KillSnapshot,
-    LoadClient,
     alive,
     client_ports_of,
     cmdline,
@@ -115,7 +114,8 @@ async def run_chaos(herd: Herd, events: list[str], rng: random.Random) -> tuple[
         if event == "kill":
             snapshots.append(await kill_random_worker(herd, rng))
             snapshot = snapshots[-1]
-            expected.timeline.append((snapshot.taken_at, f"SIGKILL {snapshot.pid} holding {sorted(snapshot.client_ports)}"))
+            held = sorted(snapshot.client_ports)
+            expected.timeline.append((snapshot.taken_at, f"SIGKILL {snapshot.pid} holding {held}"))
         elif event == "hup":
             herd.signal(signal.SIGHUP)
             expected.generation += 1

@@ -99,9 +99,11 @@ def test_kill_9_restarts_on_the_same_slot_and_cpu_and_logs_the_latency(spawn: Ca
 @pytest.mark.timeout(60)
 def test_sigttin_and_sigttou_change_the_worker_count_one_at_a_time(spawn: Callable[..., Process],
                                                                    tmp_path: Path) -> None:
-    herd = start_herd(spawn, tmp_path, 3)  # three slots: as many as configured (more than the CPUs)
-    steps = [(signal.SIGTTOU, 2), (signal.SIGTTOU, 1), (signal.SIGTTOU, 1), (signal.SIGTTIN, 2),
-             (signal.SIGTTIN, 3), (signal.SIGTTIN, 3), (signal.SIGTTOU, 2)]
+    slots = len(ALLOWED) + 1  # as many slots as configured workers, one more than the CPUs
+    herd = start_herd(spawn, tmp_path, slots)
+    down = [(signal.SIGTTOU, max(1, n)) for n in range(slots - 1, -1, -1)]  # ... 2, 1, then 1 again: the floor
+    up = [(signal.SIGTTIN, min(slots, n)) for n in range(2, slots + 2)]  # 2, ..., slots, then slots: the cap
+    steps = [*down, *up, (signal.SIGTTOU, slots - 1)]
     previous = herd.workers()
     for signum, expected in steps:
         herd.signal(signum)
@@ -113,8 +115,9 @@ def test_sigttin_and_sigttou_change_the_worker_count_one_at_a_time(spawn: Callab
             assert previous.items() <= workers.items()
         previous = workers
     log = herd.log()
-    assert log.count("(SIGTTOU)") == 3 and log.count("(SIGTTIN)") == 2, log  # the floor and the cap log nothing
-    assert log.count("retiring worker") == 3 and log.count("exited after scaled down: exit code 0") == 3, log
+    assert log.count("(SIGTTOU)") == slots and log.count("(SIGTTIN)") == slots - 1, log  # floor and cap: no line
+    assert log.count("retiring worker") == slots, log
+    assert log.count("exited after scaled down: exit code 0") == slots, log
     assert "died" not in log
 
 
