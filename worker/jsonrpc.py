@@ -100,6 +100,8 @@ def decode_params(params: msgspec.Raw | msgspec.UnsetType, decoder: msgspec.json
         return decoder.decode(raw)
     except msgspec.ValidationError as exc:
         raise RpcError(INVALID_PARAMS, f"Invalid params: {exc}") from None
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # e.g. invalid UTF-8 inside a string
+        raise RpcError(INVALID_PARAMS, f"Invalid params: {exc}") from None
 
 
 def response(request_id: RequestId | None, result: Any) -> bytes:
