@@ -12,7 +12,7 @@ command -v systemd-analyze >/dev/null || need_apt+=(systemd)
 command -v systemd-socket-activate >/dev/null || need_apt+=(systemd)
 command -v npm >/dev/null || need_apt+=(npm)
 command -v ip >/dev/null || need_apt+=(iproute2)
-command -v chromium >/dev/null || need_apt+=(chromium chromium-driver)
+command -v chromium >/dev/null || need_apt+=(chromium)
 if [ ${#need_apt[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -q
