@@ -88,9 +88,3 @@ class Slot:
     def accepting(self) -> bool:
         """A worker of this slot takes connections now or is about to."""
         return self.current is not None and self.current.state in (State.SPAWNING, State.READY)
-
-    @property
-    def status(self) -> str:
-        if self.current is None:
-            return "backoff" if self.backoff_until else "stopped"
-        return self.current.state.value

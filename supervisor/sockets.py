@@ -26,8 +26,6 @@ import os
 import socket
 from dataclasses import dataclass, field
 
-from mcpherd.shared.netstat import accept_queue_length, listen_drops  # noqa: F401 - re-exported
-
 log = logging.getLogger("mcpherd.master")
 
 BACKLOG = 2048

@@ -278,15 +278,7 @@ class RawHttp:
 
     def closed_by_peer(self, timeout: float = 5.0) -> bool:
         """True when the server closes the connection (EOF or reset) within the timeout."""
-        self.sock.settimeout(timeout)
-        try:
-            while self.sock.recv(65536):
-                pass
-            return True
-        except ConnectionResetError:
-            return True
-        except TimeoutError:
-            return False
+        return closed_by_peer(self.sock, timeout)
 
 
 def mcp_headers(session: str | None = None, version: str | None = HANDSHAKE_VERSION,
@@ -668,3 +660,16 @@ def session_processes(sid: int) -> list[int]:
         if fields and fields[0] not in ("Z", "X") and int(fields[3]) == sid:
             found.append(int(entry.name))
     return found
+
+
+def closed_by_peer(sock: socket.socket, timeout: float) -> bool:
+    """True when the peer closes `sock` (EOF or reset) within the timeout; what is still unread is dropped."""
+    sock.settimeout(timeout)
+    try:
+        while sock.recv(65536):
+            pass
+        return True
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False

@@ -23,8 +23,8 @@ from typing import Any
 import msgspec
 import pytest
 
-from conftest import (Cluster, Process, assert_one_sentence, free_port, mcpherd_args, run_cli, start_cluster,
-                      wait_until)
+from conftest import (Cluster, Process, assert_one_sentence, closed_by_peer, free_port, mcpherd_args, run_cli,
+                      start_cluster, wait_until)
 
 NOBODY, NOGROUP = 65534, 65534
 AS_ANOTHER_USER = """
@@ -67,15 +67,7 @@ class Line:
         return dict(msgspec.json.decode(line))
 
     def closed_by_master(self, timeout: float) -> bool:
-        self.sock.settimeout(timeout)
-        try:
-            while self.sock.recv(65536):
-                pass
-            return True
-        except ConnectionResetError:
-            return True
-        except TimeoutError:
-            return False
+        return closed_by_peer(self.sock, timeout)
 
     def close(self) -> None:
         self.sock.close()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import Cluster
-from test_conformance import ALL_2025_0_1_16, SCORED_2026, localhost, run_suite, summary
+from test_conformance import ALL_2025_0_1_16, assert_scored_2026_pass, localhost, run_suite, summary
 
 
 def assert_served_by_several_workers(cluster: Cluster, before: dict[int, int]) -> None:
@@ -61,12 +61,5 @@ def test_suite_0_2_0_requirements_2026_07_28_scored_scenarios_pass_on_a_cluster(
                                                                                  tmp_path: Path) -> None:
     before = requests_by_pid(cluster)
     code, output = run_suite("0.2.0", localhost(cluster.url), ["--requirements", "2026-07-28"], tmp_path)
-    lines, _ = summary(output)
-    assert code == 0, output
-    first_task = next(i for i, (_, name, _, _) in enumerate(lines) if name.startswith("tasks-"))
-    scored = lines[:first_task]
-    assert [name for _, name, _, _ in scored] == SCORED_2026, output
-    failing = [name for mark, name, _, f in scored if mark != "✓" or f != 0]
-    assert failing == [], output
-    assert all(p > 0 for _, _, p, _ in scored), output
+    assert_scored_2026_pass(code, output)
     assert_served_by_several_workers(cluster, before)

@@ -97,6 +97,11 @@ def test_suite_0_2_0_requirements_2025_11_25_pass(worker: str, tmp_path: Path) -
 @pytest.mark.timeout(300)
 def test_suite_0_2_0_requirements_2026_07_28_scored_scenarios_pass(worker: str, tmp_path: Path) -> None:
     code, output = run_suite("0.2.0", localhost(worker), ["--requirements", "2026-07-28"], tmp_path)
+    assert_scored_2026_pass(code, output)
+
+
+def assert_scored_2026_pass(code: int, output: str) -> None:
+    """Exit 0 and every scored 2026-07-28 scenario (those listed before the unscored tasks-*) passed."""
     lines, _ = summary(output)
     assert code == 0, output
     first_task = next(i for i, (_, name, _, _) in enumerate(lines) if name.startswith("tasks-"))

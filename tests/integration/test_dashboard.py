@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Cluster, RawHttp, modern_call, wait_until
+from conftest import Cluster, RawHttp, modern_call
 from headless_chromium import Chromium
 
 ROOT = Path(__file__).resolve().parents[2]
