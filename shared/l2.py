@@ -76,7 +76,10 @@ class L2Cache:
         if not self.available:
             return False
         try:
-            await asyncio.wait_for(self._invalidate(key, tag, prefix, all), max(1.0, self.timeout * 8))
+            # A key or a tag is two round trips; a prefix or all is a SCAN of the keyspace: only that
+            # one gets the longer bound, so a frozen Redis costs an invalidating tool call ~1 s, not 2.
+            bound = max(1.0, self.timeout * (8 if prefix or all else 4))
+            await asyncio.wait_for(self._invalidate(key, tag, prefix, all), bound)
         except (RedisError, OSError, asyncio.TimeoutError) as exc:
             self._failed(exc)
             return False
