@@ -1,6 +1,6 @@
 """Request metrics in a worker's shared-memory cell: the worker's `Recorder` writes, the master reads.
 
-Layout (METRICS_VERSION 1). Offsets are u64 words from `layout.METRICS_BASE` inside one cell
+Layout (METRICS_VERSION 2). Offsets are u64 words from `layout.METRICS_BASE` inside one cell
 (`layout.WORDS - METRICS_BASE` = 960 words available, 852 used):
 
     offset  words      what
@@ -8,7 +8,8 @@ Layout (METRICS_VERSION 1). Offsets are u64 words from `layout.METRICS_BASE` ins
     1       18 x 2     requests answered, by METHODS x OUTCOMES: word 1 + method * 2 + outcome,
                        outcome 0 = "error" (answered with a JSON-RPC error), 1 = "ok"
     37      3          (reserved)
-    40      18 x 16    request duration histogram per method, HIST_WORDS words each (see below)
+    40      18 x 16    request duration histogram per method, HIST_WORDS words each (see below); for
+                       tools/call only the calls that named no known tool (version 2, see below)
     328     32 x 16    tool-call duration histogram per tool slot: slots 0..30 are the worker's first 31
                        distinct tool names in the order of its `tool_names` list, slot 31 is "other"
     840     12         cluster event propagation histogram, PROPAGATION_WORDS words
@@ -17,6 +18,11 @@ Layout (METRICS_VERSION 1). Offsets are u64 words from `layout.METRICS_BASE` ins
 A histogram is its bucket counts, NOT cumulative, one word per bound plus one for +Inf, followed by the
 sum of observations in integer nanoseconds. The count is not stored: it is the sum of the buckets, so
 an observation costs one store less and a reader can never see a count that disagrees with +Inf.
+
+Version 2 records a tool call's duration once, in its tool's histogram, and a reader adds every tool
+slot's histogram to tools/call's own: two stores fewer on the hottest path. A sum of words that only
+grow only grows, so the derived histogram is as monotonic as a stored one. Version 1 (tools/call
+stored both ways) is still read, for a master that outlives its old workers across an upgrade.
 
 Process counters folded with the metrics (COUNTER_FIELDS) and gauges (`Gauges`) live in the `F_*`
 words below METRICS_BASE (see shared/layout.py); the Recorder writes those it owns.
@@ -44,7 +50,8 @@ from typing import NamedTuple
 
 from mcpherd.shared import layout
 
-METRICS_VERSION = 1
+METRICS_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # a master after an upgrade (SIGUSR2) still reads the old workers' lanes
 METHODS = (
     "initialize", "ping", "tools/list", "tools/call", "resources/list", "resources/templates/list",
     "resources/read", "resources/subscribe", "resources/unsubscribe", "prompts/list", "prompts/get",
@@ -55,12 +62,14 @@ METHODS = (
 )
 OUTCOMES = ("error", "ok")  # index = int(ok)
 OTHER_METHOD = METHODS.index("other")
+TOOLS_CALL = METHODS.index("tools/call")
 NOTIFICATIONS = METHODS.index("notifications")
 TOOL_SLOTS = 32
 OTHER_TOOL = "other"  # the label of slot TOOL_SLOTS - 1 and of tools the master has no name for
 
 # Finite upper bounds in seconds (Prometheus `le`); +Inf is the implicit last bucket.
 REQUEST_BOUNDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+REQUEST_BOUNDS_NS = tuple(round(bound * 1e9) for bound in REQUEST_BOUNDS)
 PROPAGATION_BOUNDS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
 HIST_WORDS = len(REQUEST_BOUNDS) + 2  # buckets incl. +Inf, then sum_ns
 PROPAGATION_WORDS = len(PROPAGATION_BOUNDS) + 2
@@ -145,12 +154,24 @@ class Recorder:
         if not ok:
             words[self._f + layout.F_ERRORS] += 1
 
-    def tool(self, name: str, seconds: float) -> None:
-        """One tool call finished (whatever its result), `seconds` after it started."""
-        histogram = self._tools.get(name, self._other_tool)
+    def answered(self, method: str, ok: bool, ns: int, tool: str, waited: bool) -> None:
+        """A Call's final message, `ns` nanoseconds after it began, in one call (the hot path): the
+        request counter; the duration into the tool's histogram when `tool` names one (it counts for
+        tools/call too, see the layout), else the method's; `leave` when the call was `enter`ed."""
+        indices = self._methods.get(method)
+        if indices is None:
+            indices = self._methods[METHODS[method_index(method)]]
+        counter, histogram = indices
         words = self._words
-        words[histogram + bisect_left(REQUEST_BOUNDS, seconds)] += 1
-        words[histogram + HIST_WORDS - 1] += int(seconds * 1e9) if seconds > 0.0 else 0
+        words[counter + ok] += 1
+        if tool:
+            histogram = self._tools.get(tool, self._other_tool)
+        words[histogram + bisect_left(REQUEST_BOUNDS_NS, ns)] += 1
+        words[histogram + HIST_WORDS - 1] += ns
+        if not ok:
+            words[self._f + layout.F_ERRORS] += 1
+        if waited:
+            self.leave()
 
     def propagation(self, seconds: float) -> None:
         """A cluster event applied here, `seconds` after the master published it."""
@@ -260,10 +281,14 @@ def snapshot(cell: layout.Cell, tool_names: Sequence[str] = (), unnamed_tool: st
     values = cell.words[cell.base:cell.base + layout.WORDS].tolist()
     counters = {name: values[index] for name, index in COUNTER_FIELDS.items()}
     base = layout.METRICS_BASE
-    if values[base + M_VERSION] != METRICS_VERSION:  # 0: no Recorder yet; else a layout we cannot read
+    version = values[base + M_VERSION]
+    if version not in READABLE_VERSIONS:  # 0: no Recorder yet; else a layout we cannot read
         return Totals(counters=counters)
     requests = values[base + M_REQUESTS:base + M_REQUESTS + len(METHODS) * len(OUTCOMES)]
     durations = [_histogram(values, base + M_REQUEST_HIST + i * HIST_WORDS, HIST_WORDS) for i in range(len(METHODS))]
+    if version >= 2:  # a tool call's duration is only in its tool's histogram
+        for index in range(TOOL_SLOTS):
+            durations[TOOLS_CALL] += _histogram(values, base + M_TOOL_HIST + index * HIST_WORDS, HIST_WORDS)
     tools: dict[str, Histogram] = {}
     for index in range(TOOL_SLOTS):
         histogram = _histogram(values, base + M_TOOL_HIST + index * HIST_WORDS, HIST_WORDS)

@@ -30,33 +30,44 @@ _request_ids = itertools.count(1)
 class Call:
     """Also the `RequestScope` that a tool's `Context` talks to."""
 
+    __slots__ = ("endpoint", "loop", "request", "message", "params", "envelope", "request_id", "protocol_version",
+                 "modern", "session", "meta", "answers", "round_key", "cache_key", "tool_name", "started",
+                 "recorded", "_cancelled", "stream", "log", "http", "task", "finished", "waiting")
+
     def __init__(self, endpoint: Endpoint, request: Request, message: rpc.Message, version: str,
-                 session: Session | None, meta: dict[str, Any]) -> None:
+                 session: Session | None, envelope: Any) -> None:
         self.endpoint = endpoint
         self.loop = endpoint.loop
         self.request = request
         self.message = message
         self.params = message.params
+        self.envelope = envelope  # methods.RequestParams decoded once for the transport, or None
         self.request_id: rpc.RequestId | None = message.id if isinstance(message.id, (int, str)) else None
         self.protocol_version = version
         self.modern = session is None
         self.session = session
-        self.meta = meta
+        meta = envelope.meta if envelope is not None else None
+        self.meta: dict[str, Any] = meta if isinstance(meta, dict) else {}
         self.answers: dict[str, Any] | None = None  # 2026-07-28 multi-round: answers so far
-        self.round_key: tuple[str, str, bytes] = ("", "", b"")  # method, target, raw arguments (methods._bound)
+        self.round_key: tuple[str, str, msgspec.Raw | bytes] = ("", "", b"")  # method, target, raw arguments (methods._bound)
         self.cache_key = ""  # set when the result of this call may be cached
         self.tool_name = ""  # tools/call: which tool (its latency histogram)
-        self.started = time.perf_counter()
+        self.started = time.perf_counter_ns() if endpoint.recorder is not None else 0
         self.recorded = False
         request.counted = True
-        if endpoint.recorder is not None:
-            endpoint.recorder.enter()
-        self.cancelled = asyncio.Event()
+        self._cancelled: asyncio.Event | None = None  # made when first asked for: most calls never are
         self.stream: EventStream | None = None
         self.log: StreamLog | None = None
         self.http: asyncio.Future[ResponseLike] | None = None
         self.task: asyncio.Future[Any] | None = None
         self.finished = False
+        self.waiting = False  # counted in the in-flight gauge: it suspended before answering
+
+    @property
+    def cancelled(self) -> asyncio.Event:
+        if self._cancelled is None:
+            self._cancelled = asyncio.Event()
+        return self._cancelled
 
     # -- RequestScope --------------------------------------------------------------------------
     @property
@@ -126,11 +137,7 @@ class Call:
         if self.recorded or recorder is None:
             return
         self.recorded = True
-        seconds = time.perf_counter() - self.started
-        recorder.leave()
-        recorder.request(str(self.message.method), ok, seconds)
-        if self.tool_name:
-            recorder.tool(self.tool_name, seconds)
+        recorder.answered(self.message.method, ok, time.perf_counter_ns() - self.started, self.tool_name, self.waiting)
 
     def respond_now(self, result: Any) -> Response:
         """The handler finished synchronously: a plain JSON response, no stream ever opened."""
@@ -139,7 +146,12 @@ class Call:
         return Response.json(200, self._result_bytes(result), self.endpoint.response_headers(self))
 
     def pending_response(self, task: asyncio.Future[Any]) -> asyncio.Future[ResponseLike]:
+        """The handler suspended: the answer comes later. Only now is it in flight (the gauge): a call
+        answered within its own callback is never seen by anyone in between."""
         self.task = task
+        if not self.waiting and not self.recorded and self.endpoint.recorder is not None:
+            self.waiting = True
+            self.endpoint.recorder.enter()
         if self.http is None:
             self.http = self.loop.create_future()
         task.add_done_callback(self._task_done)

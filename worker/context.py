@@ -52,9 +52,10 @@ class RequestScope(Protocol):
 
     loop: asyncio.AbstractEventLoop
     protocol_version: str
-    cancelled: asyncio.Event
     answers: dict[str, Any] | None  # 2026-07-28: inputResponses merged with answers carried in requestState
 
+    @property
+    def cancelled(self) -> asyncio.Event: ...
     @property
     def client_capabilities(self) -> dict[str, Any]: ...
     @property

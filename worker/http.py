@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import functools
 import os
 import zlib
 from collections import deque
@@ -94,6 +93,8 @@ class HttpConnection(asyncio.Protocol):
                  traffic: list[int] | None = None) -> None:
         self._handler = handler
         self._limits = limits
+        self._max_header_bytes = limits.max_header_bytes
+        self._max_headers = limits.max_headers
         self._registry = registry
         self._traffic = traffic  # [bytes in, bytes out] of the whole worker
         self._loop = asyncio.get_running_loop()
@@ -163,7 +164,9 @@ class HttpConnection(asyncio.Protocol):
                 waiter.set_result(None)
 
     # -- parser callbacks ----------------------------------------------------------------------
-    def on_message_begin(self) -> None:
+    # No `on_message_begin`: httptools skips callbacks a protocol does not define, and every request
+    # line has a URL, so the first `on_url` of a message begins it (one Python call less per request).
+    def _begin(self) -> None:
         self.state = ConnState.READING
         self.fresh = False
         self.deadline = self._loop.time() + self._limits.request_timeout
@@ -174,14 +177,16 @@ class HttpConnection(asyncio.Protocol):
         self._body_bytes = 0
 
     def on_url(self, url: bytes) -> None:
+        if self.state is not ConnState.READING:
+            self._begin()
         self._url += url
         self._count_header_bytes(len(url))
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        # The hottest callback (every header of every request): limits inline, one dict lookup.
-        self._header_bytes += len(name) + len(value) + 4
-        headers = self._headers
-        if self._header_bytes > self._limits.max_header_bytes or len(headers) >= self._limits.max_headers:
+        # The hottest callback (every header of every request): one limit check, one dict lookup.
+        size = self._header_bytes + len(name) + len(value) + 4
+        self._header_bytes = size
+        if size > self._max_header_bytes:
             self._header_limit_exceeded()
             return
         key = _header_keys.get(name)
@@ -189,8 +194,13 @@ class HttpConnection(asyncio.Protocol):
             key = name.decode("latin-1").lower()
             if len(_header_keys) < _HEADER_KEYS_MAX:
                 _header_keys[name] = key
-        text = value.decode("latin-1")
-        headers[key] = f"{headers[key]}, {text}" if key in headers else text
+        headers = self._headers
+        if key in headers:  # a repeated header: joined, and already counted by name
+            headers[key] = f"{headers[key]}, {value.decode('latin-1')}"
+        elif len(headers) < self._max_headers:
+            headers[key] = value.decode("latin-1")
+        else:
+            self._header_limit_exceeded()
 
     def on_headers_complete(self) -> None:
         length = self._headers.get("content-length")
@@ -219,19 +229,44 @@ class HttpConnection(asyncio.Protocol):
             self._parser.should_keep_alive(),
             self,
         )
+        # Nothing ahead of it (the usual case): a synchronous answer can be written at once, skipping the
+        # ordering queue. Otherwise it waits its turn behind earlier pipelined requests.
+        first = not self._queue and self._active_stream is None
         entry: list[ResponseLike | None] = [None]
         self._queue.append(entry)
         try:
             result = self._handler(request)
         except Exception as exc:  # a handler bug must cost one request, never the connection loop
             result = internal_error(exc)
-        if result is HANDED_OFF:
-            self._let_go()
-        elif isinstance(result, Response) or hasattr(result, "attach"):
+        if type(result) is Response:
+            if first and result is not HANDED_OFF and not self.closed:
+                self._queue.pop()
+                self._write_complete(request, result)
+                return
+            if result is HANDED_OFF:
+                self._let_go()
+                return
+            self._complete(entry, request, result)
+        elif hasattr(result, "attach"):
             self._complete(entry, request, result)  # type: ignore[arg-type]
         else:
-            future = asyncio.ensure_future(result)
+            future = asyncio.ensure_future(result)  # type: ignore[arg-type]
             future.add_done_callback(lambda f: self._complete(entry, request, _task_result(f)))
+
+    def _write_complete(self, request: Request, response: Response) -> None:
+        """`_complete` then `_flush` for a response that is first in line: the hot path, inlined."""
+        if not request.keep_alive:
+            response.close = True
+        if response.content_type == "application/json" and len(response.body) >= _GZIP_MIN_BYTES:
+            gzip_if_worth_it(request, response)
+        self._write_response(response)
+        if response.close:
+            self._close_after_write()
+            return
+        self.state = ConnState.IDLE
+        self.deadline = self._loop.time() + self._limits.keepalive_timeout
+        if self.draining:
+            self._close_after_write()
 
     # -- responses -----------------------------------------------------------------------------
     def _complete(self, entry: list[ResponseLike | None], request: Request, result: ResponseLike) -> None:
@@ -277,17 +312,17 @@ class HttpConnection(asyncio.Protocol):
         assert self.transport is not None
         body = response.body
         head = _head_start(response.status, response.content_type)
-        for name, value in response.headers:
-            head += f"{name}: {value}\r\n"
+        if response.headers:
+            head += "".join([f"{name}: {value}\r\n" for name, value in response.headers]).encode("latin-1")
         if response.close or self.draining:
-            head += "connection: close\r\n"
-        head += f"content-length: {len(body)}\r\n\r\n"
+            head += b"connection: close\r\n"
+        head += b"content-length: %d\r\n\r\n" % len(body)
         if self._traffic is not None:
             self._traffic[1] += len(head) + len(body)
         if len(body) < 65536:
-            self.transport.write(head.encode("latin-1") + body)
+            self.transport.write(head + body)
         else:
-            self.transport.write(head.encode("latin-1"))
+            self.transport.write(head)
             self.transport.write(body)
 
     def write_stream_head(self, status: int, headers: list[tuple[str, str]]) -> None:
@@ -398,11 +433,18 @@ class HttpConnection(asyncio.Protocol):
             self.deadline = min(self.deadline, self._loop.time() + grace)
 
 
-@functools.lru_cache(maxsize=64)
-def _head_start(status: int, content_type: str | None) -> str:
+def _head_start(status: int, content_type: str | None) -> bytes:
     """The status line and content type: the same few on every response, so built once each."""
-    line = f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n"
-    return f"{line}content-type: {content_type}\r\n" if content_type else line
+    head = _heads.get((status, content_type))
+    if head is None:
+        line = f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n"
+        head = (f"{line}content-type: {content_type}\r\n" if content_type else line).encode("latin-1")
+        if len(_heads) < 64:  # handlers use a handful of (status, type) pairs; the bound is a guard
+            _heads[(status, content_type)] = head
+    return head
+
+
+_heads: dict[tuple[int, str | None], bytes] = {}
 
 
 def _task_result(task: asyncio.Future[ResponseLike]) -> ResponseLike:

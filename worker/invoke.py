@@ -25,16 +25,17 @@ _decoders: dict[type[Any], msgspec.json.Decoder[Any]] = {}
 _NULL = msgspec.Raw(b"null")  # `"arguments": null` means no arguments
 
 
-def decode_arguments(signature: Signature, raw: msgspec.Raw, what: str) -> Any:
+def decode_arguments(signature: Signature, raw: msgspec.Raw, kind: str, name: str) -> Any:
+    """`kind` and `name` ("tool", "echo") name the target in an error message."""
     decoder = _decoders.get(signature.args_type)
     if decoder is None:
         decoder = _decoders[signature.args_type] = msgspec.json.Decoder(signature.args_type)
     try:
         return decoder.decode(b"{}" if raw == _NULL else raw)  # Raw never equals bytes: compare Raw to Raw
     except msgspec.ValidationError as exc:
-        raise RpcError(INVALID_PARAMS, f"Invalid arguments for {what}: {_field_message(exc)}") from None
+        raise RpcError(INVALID_PARAMS, f"Invalid arguments for {kind} {name!r}: {_field_message(exc)}") from None
     except msgspec.DecodeError as exc:
-        raise RpcError(INVALID_PARAMS, f"Invalid arguments for {what}: {exc}") from None
+        raise RpcError(INVALID_PARAMS, f"Invalid arguments for {kind} {name!r}: {exc}") from None
 
 
 def _field_message(exc: msgspec.ValidationError) -> str:
@@ -59,7 +60,8 @@ class Invoker:
 
     def call(self, fn: Any, signature: Signature, args: Any, context: Context | None) -> Any:
         """The function's return value, or an awaitable of it."""
-        kwargs = dict(args) if signature.passes_mapping else {name: getattr(args, name) for name in signature.names}
+        # The arguments Struct's fields are the function's parameters, by name (app.derive_signature).
+        kwargs = dict(args) if signature.passes_mapping else msgspec.structs.asdict(args)
         if signature.context_param is not None:
             kwargs[signature.context_param] = context
         if signature.is_async:

@@ -11,6 +11,7 @@ import base64
 import hashlib
 import logging
 import time
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -24,7 +25,7 @@ from mcpherd.shared.l2 import L2Cache
 from mcpherd.worker.cache import ResultCache, cache_key
 from mcpherd.worker.content import CONTENT_TYPES, PromptMessage, TextContent
 from mcpherd.worker.context import LOG_LEVELS, ClientError, InputRequired, ToolError
-from mcpherd.worker.invoke import Invoker, convert_arguments, decode_arguments
+from mcpherd.worker.invoke import Invoker, convert_arguments, decode_arguments, start_eagerly
 
 log = logging.getLogger("mcpherd.worker")
 MODERN = "2026-07-28"
@@ -41,6 +42,25 @@ class Meta(msgspec.Struct):
 
 class ListParams(msgspec.Struct):
     cursor: str | None = None
+
+
+class RequestParams(msgspec.Struct):
+    """The params fields the transport and `tools/call` read, decoded once per request (`Call.envelope`).
+
+    Lenient on purpose: the 2026-07-28 ladder compares headers with whatever the body holds before any
+    method checks types. A handler uses it only when the fields have its types (`_call_params`), and
+    otherwise decodes its own strict Struct, whose error names the field.
+    """
+
+    meta: dict[str, Any] | None = msgspec.field(default=None, name="_meta")
+    name: Any = None
+    uri: Any = None
+    arguments: msgspec.Raw = msgspec.Raw(b"{}")
+    inputResponses: Any = None
+    requestState: Any = None
+
+
+request_params = msgspec.json.Decoder(RequestParams)
 
 
 class CallToolParams(msgspec.Struct):
@@ -210,12 +230,12 @@ class Methods:
 
     # -- tools ---------------------------------------------------------------------------------
     def tools_call(self, call: Any) -> Any:
-        params: CallToolParams = params_of(call, CallToolParams)
+        params = _call_params(call)
         tool = self.app.tools.get(params.name)
         if tool is None:
             raise rpc.RpcError(rpc.INVALID_PARAMS, f"Unknown tool: {params.name}")
         call.tool_name = tool.name
-        args = decode_arguments(tool.signature, params.arguments, f"tool {tool.name!r}")
+        args = decode_arguments(tool.signature, params.arguments, "tool", tool.name)
         if call.modern:
             self._open_round(call, tool.name, params.arguments, params)
         if tool.cache_ttl and self.cache is not None:
@@ -242,10 +262,14 @@ class Methods:
         context = call.context() if tool.signature.context_param else None
         try:
             outcome = self.invoker.call(tool.fn, tool.signature, args, context)
+            if type(outcome) is types.CoroutineType:  # an async tool: most finish in their first step
+                done, outcome = start_eagerly(call.loop, outcome)
+                if not done:
+                    return self._finish_tool(call, tool, outcome)
+            elif hasattr(outcome, "__await__"):  # a sync tool's pool future
+                return self._finish_tool(call, tool, outcome)
         except Exception as exc:
             return self._tool_failure(call, tool, exc)
-        if hasattr(outcome, "__await__"):
-            return self._finish_tool(call, tool, outcome)
         return self._cached(call, tool, tool_result(tool, outcome))
 
     async def _finish_tool(self, call: Any, tool: ToolDef, outcome: Any) -> Any:
@@ -282,12 +306,13 @@ class Methods:
     def _open_round(self, call: Any, target: str, raw_args: msgspec.Raw, params: Any) -> None:
         """Collect the answers so far: those signed into requestState plus the new inputResponses."""
         # The raw arguments, digested only if a requestState is opened or sealed (most calls do neither).
-        call.round_key = (call.message.method, target, bytes(raw_args))
+        call.round_key = (call.message.method, target, raw_args)
         answers: dict[str, Any] = {}
+        call.answers = answers
         if params.requestState is not None:
             answers.update(self._open_state(call, params.requestState).answers)
-        answers.update(params.inputResponses or {})
-        call.answers = answers
+        if params.inputResponses:
+            answers.update(params.inputResponses)
 
     def _open_state(self, call: Any, token: str) -> InputState:
         payload = self._state_signer.unseal(token)
@@ -362,7 +387,7 @@ class Methods:
         prompt = self.app.prompts.get(params.name)
         if prompt is None:
             raise rpc.RpcError(rpc.INVALID_PARAMS, f"Unknown prompt: {params.name}")
-        args = decode_arguments(prompt.signature, params.arguments, f"prompt {params.name!r}")
+        args = decode_arguments(prompt.signature, params.arguments, "prompt", params.name)
         if call.modern:
             self._open_round(call, prompt.name, params.arguments, params)
         context = call.context() if prompt.signature.context_param else None
@@ -381,7 +406,20 @@ class Methods:
 
 
 # -- result shapes ---------------------------------------------------------------------------------
+def _call_params(call: Any) -> Any:
+    """The envelope when its fields have `CallToolParams`' types (every well-formed call), else the
+    strict decode, for its error message."""
+    params = call.envelope
+    if params is not None and type(params.name) is str \
+            and (params.requestState is None or type(params.requestState) is str) \
+            and (params.inputResponses is None or type(params.inputResponses) is dict):
+        return params
+    return params_of(call, CallToolParams)
+
+
 def tool_result(tool: ToolDef, value: Any) -> dict[str, Any]:
+    if type(value) is str and tool.output_type is None:
+        return {"content": [TextContent(value)]}  # the common case, first
     if isinstance(value, dict) and "content" in value and tool.output_type is None:
         return value  # a complete CallToolResult built by the tool itself
     if tool.output_type is not None and not _is_content_value(value):
@@ -455,10 +493,11 @@ def _digest(raw: msgspec.Raw | bytes) -> bytes:
     return hashlib.sha256(canonical).digest()[:16]
 
 
-def _bound(round_key: tuple[str, str, bytes]) -> tuple[str, str, bytes]:
+def _bound(round_key: tuple[str, str, msgspec.Raw | bytes]) -> tuple[str, str, bytes]:
     """(method, target, raw arguments) -> what a requestState is bound to: the arguments' digest."""
     method, target, raw_args = round_key
-    return method, target, _digest(raw_args) if raw_args else raw_args
+    raw = bytes(raw_args)
+    return method, target, _digest(raw) if raw else raw
 
 
 def _encode_cursor(offset: int) -> str:

@@ -17,9 +17,10 @@ import msgspec
 
 from mcpherd.worker import jsonrpc as rpc
 from mcpherd.worker.call import Call
+from mcpherd.worker.methods import RequestParams, request_params
 from mcpherd.worker.http import Request, Response, ResponseLike
 from mcpherd.worker.sse import EventStream
-from mcpherd.worker.streamable import accepts, rpc_error  # imported once: a per-request import costs ~0.7 us
+from mcpherd.worker.streamable import accepts, is_json, rpc_error  # imported once: a per-request import costs ~0.7 us
 
 if TYPE_CHECKING:
     from mcpherd.worker.streamable import Endpoint
@@ -32,18 +33,6 @@ _STATUS = {rpc.PARSE_ERROR: 400, rpc.INVALID_REQUEST: 400, rpc.INVALID_PARAMS: 4
            rpc.MISSING_REQUIRED_CLIENT_CAPABILITY: 400, rpc.UNSUPPORTED_PROTOCOL_VERSION: 400,
            rpc.METHOD_NOT_FOUND: 404}
 _B64_SENTINEL = re.compile(r"^=\?base64\?(?P<payload>.*)\?=$")
-
-
-class Envelope(msgspec.Struct):
-    """Just the parts of params the ladder needs; the method's handler decodes the rest."""
-
-    meta: dict[str, Any] | None = msgspec.field(default=None, name="_meta")
-    name: Any = None
-    uri: Any = None
-    arguments: Any = None
-
-
-_envelope = msgspec.json.Decoder(Envelope)
 
 
 class Listener:
@@ -87,7 +76,7 @@ class ModernEndpoint:
         wants_json, wants_sse = accepts(request)
         if not wants_json:
             return rpc_error(406, rpc.INVALID_REQUEST, "Not Acceptable: Client must accept application/json")
-        if not request.header("content-type").lower().startswith("application/json"):
+        if not is_json(request):
             return rpc_error(415, rpc.INVALID_REQUEST, "Unsupported Media Type: Content-Type must be application/json")
         try:
             message = rpc.decode_body(request.body)
@@ -108,9 +97,9 @@ class ModernEndpoint:
             return rpc_error(406, rpc.INVALID_REQUEST, "Not Acceptable: subscriptions/listen needs text/event-stream")
         return self._dispatch(request, message, envelope)
 
-    def _ladder(self, request: Request, message: rpc.Message, header_version: str) -> Envelope:
+    def _ladder(self, request: Request, message: rpc.Message, header_version: str) -> RequestParams:
         try:
-            envelope: Envelope = rpc.decode_params(message.params, _envelope)
+            envelope: RequestParams = rpc.decode_params(message.params, request_params)
         except rpc.RpcError:
             raise rpc.RpcError(rpc.INVALID_PARAMS, "Invalid params: params must be an object") from None
         meta = envelope.meta
@@ -119,12 +108,16 @@ class ModernEndpoint:
         if meta[VERSION_KEY] != header_version:
             raise rpc.RpcError(rpc.HEADER_MISMATCH,
                                "mcp-protocol-version header does not match the request envelope's protocol version")
-        if _ows(request.headers.get("mcp-method")) != message.method:
+        header = request.headers.get("mcp-method")
+        if header != message.method and _ows(header) != message.method:  # the exact match first: the usual case
             raise rpc.RpcError(rpc.HEADER_MISMATCH, "mcp-method header does not match the request body's method")
         name_key = NAME_PARAM.get(str(message.method))
         if name_key is not None:
             body_value = getattr(envelope, name_key)
-            if body_value is not None and decode_header_value(_ows(request.headers.get("mcp-name"))) != body_value:
+            header = request.headers.get("mcp-name")
+            # A header equal to the body value matches, unless it is itself an encoded form (=?base64?...?=).
+            if body_value is not None and (header is None or header != body_value or header.startswith("=?")) \
+                    and decode_header_value(_ows(header)) != body_value:
                 raise rpc.RpcError(rpc.HEADER_MISMATCH,
                                    f"mcp-name header does not match the request body's {name_key!r} parameter")
         if message.method == "tools/call":
@@ -134,12 +127,17 @@ class ModernEndpoint:
                                {"supported": list(MODERN_VERSIONS), "requested": header_version})
         return envelope
 
-    def _check_param_headers(self, request: Request, envelope: Envelope) -> None:
+    def _check_param_headers(self, request: Request, envelope: RequestParams) -> None:
         """`Mcp-Param-*` headers must mirror the arguments annotated with x-mcp-header, exactly."""
         tool = self.endpoint.methods.app.tools.get(envelope.name) if isinstance(envelope.name, str) else None
         if tool is None or not tool.header_params:
             return
-        arguments = envelope.arguments if isinstance(envelope.arguments, dict) else {}
+        try:
+            arguments = msgspec.json.decode(envelope.arguments)
+        except msgspec.DecodeError:
+            arguments = None  # the tool's own decode reports it, after the ladder
+        if not isinstance(arguments, dict):
+            arguments = {}
         for argument, header, json_type in tool.header_params:
             raw = _ows(request.headers.get(header))
             value = arguments.get(argument)
@@ -154,10 +152,10 @@ class ModernEndpoint:
             if decoded != _render(value, json_type):
                 raise rpc.RpcError(rpc.HEADER_MISMATCH, f"{header} header does not match argument {argument!r}")
 
-    def _dispatch(self, request: Request, message: rpc.Message, envelope: Envelope) -> ResponseLike | Awaitable[ResponseLike]:
+    def _dispatch(self, request: Request, message: rpc.Message, envelope: RequestParams) -> ResponseLike | Awaitable[ResponseLike]:
         method = message.method
         assert isinstance(method, str) and envelope.meta is not None
-        call = Call(self.endpoint, request, message, MODERN_VERSIONS[0], None, envelope.meta)
+        call = Call(self.endpoint, request, message, MODERN_VERSIONS[0], None, envelope)
         if method == "server/discover":
             return call.respond_now(self.discover())
         if method == "subscriptions/listen":

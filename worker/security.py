@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+_SEEN_MAX = 256
 LOOPBACK_HOSTS = ("127.0.0.1:*", "localhost:*", "[::1]:*", "127.0.0.1", "localhost", "[::1]")
 
 
@@ -21,6 +22,7 @@ class AllowList:
         self.any = False
         self.exact: set[str] = set()
         self.any_port: set[str] = set()
+        self._seen: dict[str, bool] = {}
         for entry in entries:
             entry = entry.strip().lower()
             if entry == "*":
@@ -31,6 +33,14 @@ class AllowList:
                 self.exact.add(entry)
 
     def allows(self, value: str) -> bool:
+        known = self._seen.get(value)  # every request of a client sends the same Host (and Origin)
+        if known is None:
+            known = self._allows(value)
+            if len(self._seen) < _SEEN_MAX:  # a client varying the value is only checked each time
+                self._seen[value] = known
+        return known
+
+    def _allows(self, value: str) -> bool:
         value = value.lower()
         if self.any or value in self.exact:
             return True

@@ -22,7 +22,7 @@ from mcpherd.worker import jsonrpc as rpc
 from mcpherd.worker.call import Call
 from mcpherd.worker.http import HANDED_OFF, Request, Response, ResponseLike
 from mcpherd.worker.invoke import start_eagerly
-from mcpherd.worker.methods import Methods
+from mcpherd.worker.methods import Methods, RequestParams, request_params
 from mcpherd.worker.security import AllowList
 from mcpherd.worker.sessions import HANDSHAKE_VERSIONS, Session, SessionError, SessionStore, StreamLog
 from mcpherd.worker.sse import EventStream
@@ -56,6 +56,18 @@ def accepts(request: Request) -> tuple[bool, bool]:
     return answer
 
 
+def is_json(request: Request) -> bool:
+    """Content-Type is application/json (any parameters, any case)."""
+    content_type = request.headers.get("content-type", "")
+    known = _json_types.get(content_type)
+    if known is None:
+        known = content_type.lower().startswith("application/json")
+        if len(_json_types) < _ACCEPT_CACHE_MAX:
+            _json_types[content_type] = known
+    return known
+
+
+_json_types: dict[str, bool] = {}
 # Accept header value -> accepts() answer. A client sends the same value on every request; the bound
 # keeps a client that varies it from growing the cache (its values are then parsed each time).
 _accept_cache: dict[str, tuple[bool, bool]] = {}
@@ -111,7 +123,7 @@ class Endpoint:
         if not (wants_json and wants_sse):
             return rpc_error(406, rpc.INVALID_REQUEST,
                              "Not Acceptable: Client must accept both application/json and text/event-stream")
-        if not request.header("content-type").lower().startswith("application/json"):
+        if not is_json(request):
             return rpc_error(415, rpc.INVALID_REQUEST, "Unsupported Media Type: Content-Type must be application/json")
         try:
             decoded = rpc.decode_body(request.body)
@@ -192,15 +204,14 @@ class Endpoint:
         if handler is None:
             return Response.json(200, rpc.error(_id_of(message), rpc.METHOD_NOT_FOUND, f"Method not found: {method}"),
                                  self._session_headers(session))
-        meta = _meta_of(message)
-        call = Call(self, request, message, session.protocol_version, session, meta)
+        call = Call(self, request, message, session.protocol_version, session, _envelope_of(message))
         return self.run(call, handler)
 
     def run(self, call: Call, handler: Any) -> ResponseLike | Awaitable[ResponseLike]:
         """Run a method handler; answer at once when it finishes without waiting on anything."""
         try:
             outcome = handler(call)
-            if hasattr(outcome, "__await__"):
+            if type(outcome) is not dict and hasattr(outcome, "__await__"):  # most results are a dict
                 done, outcome = start_eagerly(self.loop, outcome)
                 if not done:
                     self._remember(call)
@@ -386,12 +397,16 @@ def _unlink(log_: StreamLog, stream: EventStream) -> None:
         log_.live = None
 
 
-def _meta_of(message: rpc.Message) -> dict[str, Any]:
+def _envelope_of(message: rpc.Message) -> RequestParams | None:
+    """The params' common fields (`_meta`, a tool call's), or None when params are no such object: the
+    method's own decode then says what is wrong."""
     if message.params is msgspec.UNSET:
-        return {}
-    params = msgspec.json.decode(message.params)
-    meta = params.get("_meta") if isinstance(params, dict) else None
-    return meta if isinstance(meta, dict) else {}
+        return None
+    try:
+        envelope: RequestParams = request_params.decode(message.params)
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        return None
+    return envelope
 
 
 def _id_of(message: rpc.Message) -> Any:

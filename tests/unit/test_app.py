@@ -110,15 +110,15 @@ def test_arguments_decode_with_errors_naming_the_field() -> None:
         return label
 
     signature = app.tools["place"].signature
-    decoded = decode_arguments(signature, msgspec.Raw(b'{"where":{"x":1}}'), "tool 'place'")
+    decoded = decode_arguments(signature, msgspec.Raw(b'{"where":{"x":1}}'), "tool", "place")
     assert (decoded.where, decoded.label) == (Point(1, 0), "")
-    assert decode_arguments(signature, msgspec.Raw(b'{"where":{"x":2},"extra":1}'), "t").where == Point(2, 0)
+    assert decode_arguments(signature, msgspec.Raw(b'{"where":{"x":2},"extra":1}'), "tool", "t").where == Point(2, 0)
     for raw, message in ((b'{"where":{"x":"1"}}', "Expected `int`, got `str` - at `where.x`"),
                          (b"{}", "Object missing required field `where`"),
                          (b"[1]", "Expected `object`, got `array`"),
                          (b"null", "Object missing required field `where`")):
         with pytest.raises(RpcError) as error:
-            decode_arguments(signature, msgspec.Raw(raw), "tool 'place'")
+            decode_arguments(signature, msgspec.Raw(raw), "tool", "place")
         assert (error.value.code, error.value.message) == (-32602, f"Invalid arguments for tool 'place': {message}")
 
 

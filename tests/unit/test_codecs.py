@@ -132,12 +132,12 @@ def test_invalid_utf8_inside_params_is_invalid_params_not_a_crash() -> None:
     import msgspec as _msgspec
 
     from mcpherd.worker import jsonrpc as _rpc
-    from mcpherd.worker.modern import Envelope
+    from mcpherd.worker.methods import RequestParams
 
     message = _rpc.decode_body(b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"\xff\xfe","_meta":{}}}')
     assert isinstance(message, _rpc.Message)
     try:
-        _rpc.decode_params(message.params, _msgspec.json.Decoder(Envelope))
+        _rpc.decode_params(message.params, _msgspec.json.Decoder(RequestParams))
     except _rpc.RpcError as exc:
         assert exc.code == _rpc.INVALID_PARAMS
         assert exc.message.startswith("Invalid params:")

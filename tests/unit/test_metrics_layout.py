@@ -74,7 +74,7 @@ def test_recorder_writes_only_its_own_lane_and_region(segment: layout.Segment) -
         recorder.request(method, True, 100.0)
         recorder.request(method, False, 0.0)
     for i in range(40):
-        recorder.tool(f"t{i}", 100.0)
+        recorder.answered("tools/call", True, 100_000_000_000, f"t{i}", waited=False)
     recorder.propagation(100.0)
     words = segment.words
     untouched = [0, layout.WORDS - 1, layout.WORDS + layout.METRICS_BASE + metrics.METRICS_WORDS,
@@ -94,26 +94,28 @@ def test_snapshot_reads_exactly_what_the_recorder_wrote(segment: layout.Segment)
     recorder.request("notifications/cancelled", True, 0.0)
     recorder.request("no/such/method", False, 0.001)
     recorder.request("responses", True, 0.0)
-    recorder.tool("fetch", 0.02)
-    recorder.tool("unlisted", 0.2)
+    recorder.enter()  # the next call suspended before answering: it was in flight
+    recorder.answered("tools/call", True, 20_000_000, "fetch", waited=True)
+    recorder.answered("tools/call", False, 200_000_000, "unlisted", waited=False)
     recorder.propagation(0.0003)
     totals = metrics.snapshot(cell, TOOLS)
-    assert totals.requests_of("tools/call", "ok") == 2
-    assert totals.requests_of("tools/call", "error") == 1
+    assert totals.requests_of("tools/call", "ok") == 3
+    assert totals.requests_of("tools/call", "error") == 2
     assert totals.requests_of("notifications", "ok") == 2
     assert totals.requests_of("other", "error") == 1
     assert totals.requests_of("responses", "ok") == 1
-    assert sum(totals.requests) == 7
+    assert sum(totals.requests) == 9
     calls = totals.durations[metrics.METHODS.index("tools/call")]
-    assert calls.buckets == [1, 0, 0, 1] + [0] * 10 + [1]
-    assert calls.sum_ns == 3_000_000 + 500_000 + 20_000_000_000
-    assert calls.cumulative()[-1] == calls.count == 3
+    assert calls.buckets == [1, 0, 0, 1, 0, 1, 0, 0, 1] + [0] * 5 + [1]
+    assert calls.sum_ns == 3_000_000 + 500_000 + 20_000_000_000 + 20_000_000 + 200_000_000
+    assert calls.cumulative()[-1] == calls.count == 5
+    assert metrics.gauges(cell).inflight == 0
     assert set(totals.tools) == {"search", "fetch", "sum", "other"}
     assert totals.tools["fetch"].buckets[5] == 1 and totals.tools["fetch"].sum_ns == 20_000_000
     assert totals.tools["search"].count == 0
     assert totals.tools["other"].buckets[8] == 1
     assert totals.propagation.buckets[3] == 1 and totals.propagation.sum_ns == 300_000
-    assert totals.counters["errors"] == 2
+    assert totals.counters["errors"] == 3
 
 
 def test_gauges_and_process_counters(segment: layout.Segment) -> None:
@@ -150,7 +152,7 @@ def test_snapshot_of_a_lane_without_recorder_or_with_another_version(segment: la
 
 def test_unnamed_tool_slots_are_hidden_live_and_folded_as_other(segment: layout.Segment) -> None:
     cell = segment.cell(0)
-    metrics.Recorder(cell, TOOLS).tool("sum", 0.001)
+    metrics.Recorder(cell, TOOLS).answered("tools/call", True, 1_000_000, "sum", waited=False)
     assert metrics.snapshot(cell).tools == {}  # the names have not reached the master yet
     assert metrics.snapshot(cell, unnamed_tool=metrics.OTHER_TOOL).tools["other"].count == 1
 
@@ -164,8 +166,8 @@ def test_tool_slots_are_the_first_31_distinct_names(segment: layout.Segment) -> 
     cell = segment.cell(0)
     recorder = metrics.Recorder(cell, ["dup", "dup", *names])
     collector.set_tool_names(0, ["dup", "dup", *names])  # the Hello carries every name, as the app lists them
-    recorder.tool("tool-29", 0.001)
-    recorder.tool("tool-30", 0.001)
+    recorder.answered("tools/call", True, 1_000_000, "tool-29", waited=False)
+    recorder.answered("tools/call", True, 1_000_000, "tool-30", waited=False)
     tools = collector.totals([LiveLane(0, 0, 1, cell)]).tools
     assert (tools["tool-29"].count, tools["other"].count) == (1, 1)
     assert "tool-30" not in tools
@@ -180,8 +182,7 @@ def test_fold_keeps_counters_monotonic_across_replacement(segment: layout.Segmen
     recorder = metrics.Recorder(cell, ["a", "b"])
     cluster.lanes = [LiveLane(0, 0, 1000, cell)]
     for _ in range(5):
-        recorder.request("tools/call", True, 0.01)
-        recorder.tool("b", 0.01)
+        recorder.answered("tools/call", True, 10_000_000, "b", waited=False)
     before = collector.totals(cluster.live_lanes())
     cluster.lanes = []  # reaped
     collector.fold(0, cell)
@@ -193,11 +194,10 @@ def test_fold_keeps_counters_monotonic_across_replacement(segment: layout.Segmen
     cluster.lanes = [LiveLane(0, 0, 1001, cell)]
     after = collector.totals(cluster.live_lanes())
     assert after.requests == before.requests and after.tools["b"] == before.tools["b"]
-    recorder.request("tools/call", False, 0.01)
-    recorder.tool("b", 0.01)
-    recorder.tool("c", 0.01)
+    recorder.answered("tools/call", False, 10_000_000, "b", waited=False)
+    recorder.answered("tools/call", False, 10_000_000, "c", waited=False)
     total = collector.totals(cluster.live_lanes())
-    assert total.requests_of("tools/call", "ok") == 5 and total.requests_of("tools/call", "error") == 1
+    assert total.requests_of("tools/call", "ok") == 5 and total.requests_of("tools/call", "error") == 2
     assert (total.tools["a"].count, total.tools["b"].count, total.tools["c"].count) == (0, 6, 1)
 
 
@@ -235,8 +235,7 @@ def test_scrape_has_the_same_series_after_10000_restarts(segment: layout.Segment
         collector.fold(0, cell)
         cluster.restarts += 1
         recorder = new_process(generation)
-        recorder.request("tools/call", True, 0.002)
-        recorder.tool("search", 0.002)
+        recorder.answered("tools/call", True, 2_000_000, "search", waited=False)
     last = scrape(collector)
     assert first.keys() == last.keys()
     assert {name: len(samples) for name, samples in first.items()} == \
