@@ -218,12 +218,14 @@ class HttpConnection(asyncio.Protocol):
         if self._rejected:
             return
         self.state = ConnState.BUSY
-        path, _, query = self._url.decode("latin-1").partition("?")
+        target = _targets.get(self._url)
+        if target is None:
+            target = _target(self._url)
         body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
         request = Request(
-            self._parser.get_method().decode("ascii"),
-            path,
-            query,
+            _METHODS.get(self._parser.get_method()) or self._parser.get_method().decode("ascii"),
+            target[0],
+            target[1],
             self._headers,
             body,
             self._parser.should_keep_alive(),
@@ -312,8 +314,11 @@ class HttpConnection(asyncio.Protocol):
         assert self.transport is not None
         body = response.body
         head = _head_start(response.status, response.content_type)
-        if response.headers:
-            head += "".join([f"{name}: {value}\r\n" for name, value in response.headers]).encode("latin-1")
+        headers = response.headers
+        if len(headers) == 1:  # the usual extra: a session id
+            head += f"{headers[0][0]}: {headers[0][1]}\r\n".encode("latin-1")
+        elif headers:
+            head += "".join([f"{name}: {value}\r\n" for name, value in headers]).encode("latin-1")
         if response.close or self.draining:
             head += b"connection: close\r\n"
         head += b"content-length: %d\r\n\r\n" % len(body)
@@ -431,6 +436,19 @@ class HttpConnection(asyncio.Protocol):
         if self.state is ConnState.IDLE:
             grace = _FIRST_REQUEST_GRACE_S if self.fresh else _DRAIN_IDLE_GRACE_S
             self.deadline = min(self.deadline, self._loop.time() + grace)
+
+
+def _target(url: bytes) -> tuple[str, str]:
+    """(path, query) of a request target; kept for the next request, which usually has the same one."""
+    path, _, query = url.decode("latin-1").partition("?")
+    if len(_targets) < _TARGETS_MAX:
+        _targets[url] = (path, query)
+    return path, query
+
+
+_targets: dict[bytes, tuple[str, str]] = {}
+_TARGETS_MAX = 256  # a client varying its query string is only parsed each time
+_METHODS = {m.encode(): m for m in ("GET", "POST", "DELETE", "PUT", "HEAD", "OPTIONS", "PATCH")}
 
 
 def _head_start(status: int, content_type: str | None) -> bytes:

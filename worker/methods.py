@@ -270,7 +270,8 @@ class Methods:
                 return self._finish_tool(call, tool, outcome)
         except Exception as exc:
             return self._tool_failure(call, tool, exc)
-        return self._cached(call, tool, tool_result(tool, outcome))
+        result = tool_result(tool, outcome)
+        return self._cached(call, tool, result) if call.cache_key else result
 
     async def _finish_tool(self, call: Any, tool: ToolDef, outcome: Any) -> Any:
         try:
