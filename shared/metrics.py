@@ -70,6 +70,7 @@ OTHER_TOOL = "other"  # the label of slot TOOL_SLOTS - 1 and of tools the master
 # Finite upper bounds in seconds (Prometheus `le`); +Inf is the implicit last bucket.
 REQUEST_BOUNDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 REQUEST_BOUNDS_NS = tuple(round(bound * 1e9) for bound in REQUEST_BOUNDS)
+_FIRST_BOUND_NS = REQUEST_BOUNDS_NS[0]
 PROPAGATION_BOUNDS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
 HIST_WORDS = len(REQUEST_BOUNDS) + 2  # buckets incl. +Inf, then sum_ns
 PROPAGATION_WORDS = len(PROPAGATION_BOUNDS) + 2
@@ -125,7 +126,7 @@ def tool_slots(names: Sequence[str]) -> list[str]:
 class Recorder:
     """Worker side: each call is a few aligned word increments. Event-loop thread only (see above)."""
 
-    __slots__ = ("_words", "_methods", "_tools", "_other_tool", "_propagation", "_f")
+    __slots__ = ("_words", "_methods", "_tools", "_other_tool", "_tool_calls", "_other_call", "_propagation", "_f")
 
     def __init__(self, cell: layout.Cell, tool_names: Sequence[str]) -> None:
         words, base = cell.words, cell.base
@@ -137,6 +138,10 @@ class Recorder:
                          for i, name in enumerate(METHODS)}
         self._tools = {name: metrics + M_TOOL_HIST + i * HIST_WORDS for i, name in enumerate(tool_slots(tool_names))}
         self._other_tool = metrics + M_TOOL_HIST + (TOOL_SLOTS - 1) * HIST_WORDS
+        # A tool call's (request counter, histogram) by tool name: `answered` looks up one pair.
+        calls = self._methods["tools/call"][0]
+        self._tool_calls = {name: (calls, histogram) for name, histogram in self._tools.items()}
+        self._other_call = (calls, self._other_tool)
         self._propagation = metrics + M_PROPAGATION
         words[metrics + M_VERSION] = METRICS_VERSION
 
@@ -158,15 +163,17 @@ class Recorder:
         """A Call's final message, `ns` nanoseconds after it began, in one call (the hot path): the
         request counter; the duration into the tool's histogram when `tool` names one (it counts for
         tools/call too, see the layout), else the method's; `leave` when the call was `enter`ed."""
-        indices = self._methods.get(method)
-        if indices is None:
-            indices = self._methods[METHODS[method_index(method)]]
-        counter, histogram = indices
+        if tool:
+            counter, histogram = self._tool_calls.get(tool, self._other_call)
+        else:
+            indices = self._methods.get(method)
+            if indices is None:
+                indices = self._methods[METHODS[method_index(method)]]
+            counter, histogram = indices
         words = self._words
         words[counter + ok] += 1
-        if tool:
-            histogram = self._tools.get(tool, self._other_tool)
-        words[histogram + bisect_left(REQUEST_BOUNDS_NS, ns)] += 1
+        # Most answers take less than the first bound: one comparison instead of a search.
+        words[histogram + (0 if ns <= _FIRST_BOUND_NS else bisect_left(REQUEST_BOUNDS_NS, ns))] += 1
         words[histogram + HIST_WORDS - 1] += ns
         if not ok:
             words[self._f + layout.F_ERRORS] += 1
