@@ -146,18 +146,8 @@ class Recorder:
         words[metrics + M_VERSION] = METRICS_VERSION
 
     def request(self, method: str, ok: bool, seconds: float) -> None:
-        """One JSON-RPC message answered (or accepted, for notifications and responses)."""
-        indices = self._methods.get(method)
-        if indices is None:
-            indices = self._methods[METHODS[method_index(method)]]
-        counter, histogram = indices
-        words = self._words
-        words[counter + ok] += 1
-        ns = int(seconds * 1e9) if seconds > 0.0 else 0
-        words[histogram + bisect_left(REQUEST_BOUNDS, seconds)] += 1
-        words[histogram + HIST_WORDS - 1] += ns
-        if not ok:
-            words[self._f + layout.F_ERRORS] += 1
+        """One JSON-RPC message answered (or accepted, for notifications and responses) that no Call counted."""
+        self.answered(method, ok, int(seconds * 1e9) if seconds > 0.0 else 0, "", waited=False)
 
     def answered(self, method: str, ok: bool, ns: int, tool: str, waited: bool) -> None:
         """A Call's final message, `ns` nanoseconds after it began, in one call (the hot path): the

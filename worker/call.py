@@ -142,9 +142,8 @@ class Call:
     def respond_now(self, result: Any) -> Response:
         """The handler finished synchronously: a plain JSON response, no stream ever opened."""
         self.finished = True
-        if self.endpoint.recorder is not None:
-            self.record(True)
-        return Response(200, self._result_bytes(result), "application/json", self.endpoint.response_headers(self))
+        self.record(True)
+        return Response.json(200, self._result_bytes(result), self.endpoint.response_headers(self))
 
     def pending_response(self, task: asyncio.Future[Any]) -> asyncio.Future[ResponseLike]:
         """The handler suspended: the answer comes later. Only now is it in flight (the gauge): a call

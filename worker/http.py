@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import os
 import zlib
 from collections import deque
@@ -218,9 +219,7 @@ class HttpConnection(asyncio.Protocol):
         if self._rejected:
             return
         self.state = ConnState.BUSY
-        target = _targets.get(self._url)
-        if target is None:
-            target = _target(self._url)
+        target = _target(self._url)
         body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
         request = Request(
             _METHODS.get(self._parser.get_method()) or self._parser.get_method().decode("ascii"),
@@ -256,15 +255,24 @@ class HttpConnection(asyncio.Protocol):
             future.add_done_callback(lambda f: self._complete(entry, request, _task_result(f)))
 
     def _write_complete(self, request: Request, response: Response) -> None:
-        """`_complete` then `_flush` for a response that is first in line: the hot path, inlined."""
-        if not request.keep_alive:
-            response.close = True
-        if response.content_type == "application/json" and len(response.body) >= _GZIP_MIN_BYTES:
-            gzip_if_worth_it(request, response)
+        """`_complete` then `_flush` for a response that is first in line, without the queue."""
+        self._finalize(request, response)
         self._write_response(response)
         if response.close:
             self._close_after_write()
             return
+        self._idle()
+
+    @staticmethod
+    def _finalize(request: Request, response: Response) -> None:
+        """What a complete response gets before it is written: close when the client asked, gzip when it pays."""
+        if not request.keep_alive:
+            response.close = True
+        if response.content_type == "application/json":
+            gzip_if_worth_it(request, response)  # checks the size first: small answers cost one len()
+
+    def _idle(self) -> None:
+        """The last answer went out: wait for the next request, or close when draining."""
         self.state = ConnState.IDLE
         self.deadline = self._loop.time() + self._limits.keepalive_timeout
         if self.draining:
@@ -277,10 +285,7 @@ class HttpConnection(asyncio.Protocol):
                 result.detach()
             return
         if isinstance(result, Response):
-            if not request.keep_alive:
-                result.close = True
-            if result.content_type == "application/json":
-                gzip_if_worth_it(request, result)  # checks the size first: small answers cost one len()
+            self._finalize(request, result)
         entry[0] = result
         self._flush()
 
@@ -299,10 +304,7 @@ class HttpConnection(asyncio.Protocol):
                 self._active_stream = head
                 head.attach(self)
         if not self._queue and self._active_stream is None and self.state is ConnState.BUSY:
-            self.state = ConnState.IDLE
-            self.deadline = self._loop.time() + self._limits.keepalive_timeout
-            if self.draining:
-                self._close_after_write()
+            self._idle()
 
     def stream_finished(self, stream: Stream) -> None:
         """Called by a stream once its terminating chunk is written."""
@@ -438,31 +440,21 @@ class HttpConnection(asyncio.Protocol):
             self.deadline = min(self.deadline, self._loop.time() + grace)
 
 
+@functools.lru_cache(maxsize=256)
 def _target(url: bytes) -> tuple[str, str]:
-    """(path, query) of a request target; kept for the next request, which usually has the same one."""
+    """(path, query) of a request target: the next request usually has the same one."""
     path, _, query = url.decode("latin-1").partition("?")
-    if len(_targets) < _TARGETS_MAX:
-        _targets[url] = (path, query)
     return path, query
 
 
-_targets: dict[bytes, tuple[str, str]] = {}
-_TARGETS_MAX = 256  # a client varying its query string is only parsed each time
 _METHODS = {m.encode(): m for m in ("GET", "POST", "DELETE", "PUT", "HEAD", "OPTIONS", "PATCH")}
 
 
+@functools.lru_cache(maxsize=64)
 def _head_start(status: int, content_type: str | None) -> bytes:
     """The status line and content type: the same few on every response, so built once each."""
-    head = _heads.get((status, content_type))
-    if head is None:
-        line = f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n"
-        head = (f"{line}content-type: {content_type}\r\n" if content_type else line).encode("latin-1")
-        if len(_heads) < 64:  # handlers use a handful of (status, type) pairs; the bound is a guard
-            _heads[(status, content_type)] = head
-    return head
-
-
-_heads: dict[tuple[int, str | None], bytes] = {}
+    line = f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n"
+    return (f"{line}content-type: {content_type}\r\n" if content_type else line).encode("latin-1")
 
 
 def _task_result(task: asyncio.Future[ResponseLike]) -> ResponseLike:

@@ -7,9 +7,9 @@ a single `*` disables the check (for deployments behind a proxy that already che
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import functools
+from collections.abc import Callable, Iterable
 
-_SEEN_MAX = 256
 LOOPBACK_HOSTS = ("127.0.0.1:*", "localhost:*", "[::1]:*", "127.0.0.1", "localhost", "[::1]")
 
 
@@ -22,7 +22,9 @@ class AllowList:
         self.any = False
         self.exact: set[str] = set()
         self.any_port: set[str] = set()
-        self._seen: dict[str, bool] = {}
+        # Every request of a client sends the same Host (and Origin): each value is checked once. The
+        # bound keeps a client that varies it from growing the cache.
+        self.allows: Callable[[str], bool] = functools.lru_cache(maxsize=256)(self._allows)
         for entry in entries:
             entry = entry.strip().lower()
             if entry == "*":
@@ -31,14 +33,6 @@ class AllowList:
                 self.any_port.add(entry[:-2])
             else:
                 self.exact.add(entry)
-
-    def allows(self, value: str) -> bool:
-        known = self._seen.get(value)  # every request of a client sends the same Host (and Origin)
-        if known is None:
-            known = self._allows(value)
-            if len(self._seen) < _SEEN_MAX:  # a client varying the value is only checked each time
-                self._seen[value] = known
-        return known
 
     def _allows(self, value: str) -> bool:
         value = value.lower()

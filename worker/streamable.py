@@ -11,6 +11,7 @@ Routing by era, as the spec and the official SDK do it:
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 from collections.abc import Awaitable
@@ -43,35 +44,27 @@ def rpc_error(status: int, code: int, message: str, request_id: Any = None, data
 
 def accepts(request: Request) -> tuple[bool, bool]:
     """(json, sse) acceptable, with wildcards (RFC 9110 12.5.1)."""
-    accept = request.header("accept")
-    known = _accept_cache.get(accept)
-    if known is not None:
-        return known
-    kinds = {part.split(";", 1)[0].strip().lower() for part in accept.split(",")}
-    wildcard = "*/*" in kinds
-    answer = (wildcard or "application/json" in kinds or "application/*" in kinds,
-              wildcard or "text/event-stream" in kinds or "text/*" in kinds)
-    if len(_accept_cache) < _ACCEPT_CACHE_MAX:
-        _accept_cache[accept] = answer
-    return answer
+    return _accepted_kinds(request.headers.get("accept", ""))
 
 
 def is_json(request: Request) -> bool:
     """Content-Type is application/json (any parameters, any case)."""
-    content_type = request.headers.get("content-type", "")
-    known = _json_types.get(content_type)
-    if known is None:
-        known = content_type.lower().startswith("application/json")
-        if len(_json_types) < _ACCEPT_CACHE_MAX:
-            _json_types[content_type] = known
-    return known
+    return _is_json_type(request.headers.get("content-type", ""))
 
 
-_json_types: dict[str, bool] = {}
-# Accept header value -> accepts() answer. A client sends the same value on every request; the bound
-# keeps a client that varies it from growing the cache (its values are then parsed each time).
-_accept_cache: dict[str, tuple[bool, bool]] = {}
-_ACCEPT_CACHE_MAX = 256
+# Header value -> answer. A client sends the same values on every request, so each is parsed once;
+# the bound keeps a client that varies them from growing the caches.
+@functools.lru_cache(maxsize=256)
+def _accepted_kinds(accept: str) -> tuple[bool, bool]:
+    kinds = {part.split(";", 1)[0].strip().lower() for part in accept.split(",")}
+    wildcard = "*/*" in kinds
+    return (wildcard or "application/json" in kinds or "application/*" in kinds,
+            wildcard or "text/event-stream" in kinds or "text/*" in kinds)
+
+
+@functools.lru_cache(maxsize=256)
+def _is_json_type(content_type: str) -> bool:
+    return content_type.lower().startswith("application/json")
 
 
 class Endpoint:
