@@ -3,7 +3,9 @@
 No MCP at all: no header checks, no protocol versions, no sessions. It parses the HTTP request,
 decodes the JSON-RPC body into typed Structs, answers `{"content": [{"type": "text", "text": ...}]}`
 and keeps the connection alive. Whatever mcpherd costs above this is the price of being an MCP
-server; no Python server on this stack can be much faster than this one.
+server; no Python server on this stack can be much faster than this one. Like mcpherd's worker it sends
+the answers of one loop turn together at the turn's end (one wake-up of the client per batch rather than
+per answer), so the ceiling has every transport trick the worker has.
 
     python bench/bare_server.py --port 8001 [--host 127.0.0.1]
 """
@@ -94,9 +96,26 @@ class EchoConnection(asyncio.Protocol):
             payload = _PARSE_ERROR
         assert self.transport is not None
         keep_alive = self.parser.should_keep_alive()
-        self.transport.write((_HEAD if keep_alive else _HEAD_CLOSE) % len(payload) + payload)
-        if not keep_alive:
-            self.transport.close()
+        _send(self.transport, (_HEAD if keep_alive else _HEAD_CLOSE) % len(payload) + payload, not keep_alive)
+
+
+_pending: list[tuple[asyncio.Transport, bytes, bool]] = []
+
+
+def _send(transport: asyncio.Transport, data: bytes, close: bool) -> None:
+    """Write at the end of this loop turn, with every other answer of the turn."""
+    if not _pending:
+        asyncio.get_running_loop().call_soon(_flush)
+    _pending.append((transport, data, close))
+
+
+def _flush() -> None:
+    for transport, data, close in _pending:
+        if not transport.is_closing():
+            transport.write(data)
+            if close:
+                transport.close()
+    _pending.clear()
 
 
 async def serve(host: str, port: int) -> None:
