@@ -52,7 +52,7 @@ class Call:
         self.round_key: tuple[str, str, msgspec.Raw | bytes] = ("", "", b"")  # method, target, raw arguments (methods._bound)
         self.cache_key = ""  # set when the result of this call may be cached
         self.tool_name = ""  # tools/call: which tool (its latency histogram)
-        self.started = time.perf_counter_ns() if endpoint.recorder is not None else 0
+        self.started = request.started  # the duration recorded is the whole request's, routing included
         self.recorded = False
         request.counted = True
         self._cancelled: asyncio.Event | None = None  # made when first asked for: most calls never are

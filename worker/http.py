@@ -57,6 +57,7 @@ class Request:
     keep_alive: bool
     connection: HttpConnection
     counted: bool = False  # a Call took over counting this request in the metrics
+    started: int = 0  # perf_counter_ns when the worker began handling it: the start of its recorded duration
 
     def header(self, name: str, default: str = "") -> str:
         return self.headers.get(name, default)

@@ -160,7 +160,7 @@ class Worker:
 
     def handle(self, request: Any) -> Any:
         """Every HTTP request: counted, timed (the busy ratio), and recorded when no Call did it."""
-        started = time.perf_counter_ns()
+        request.started = started = time.perf_counter_ns()
         result = self.endpoint.handle(request)
         words = self.words
         if words is not None:  # recycling and the autoscaler need these even without metrics
