@@ -63,14 +63,18 @@ _reply = msgspec.json.Decoder(Reply)
 _encoder = msgspec.json.Encoder()
 
 
+class UnsupportedVersion(ValueError):
+    """A well-formed request in a protocol version this master does not speak."""
+
+
 def decode_request(line: bytes) -> Request:
-    """Raises ValueError with one clear sentence."""
+    """Raises ValueError (UnsupportedVersion for a version mismatch) with one clear sentence."""
     try:
         request = _request.decode(line)
     except msgspec.DecodeError as exc:
         raise ValueError(f"not a valid request: {exc}") from None
     if request.v != VERSION:
-        raise ValueError(f"protocol version {request.v} is not supported (this master speaks {VERSION})")
+        raise UnsupportedVersion(f"protocol version {request.v} is not supported (this master speaks {VERSION})")
     return request
 
 

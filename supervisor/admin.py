@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from mcpherd.shared import admin
+from mcpherd.supervisor.sockets import receive
 
 log = logging.getLogger("mcpherd.master")
 CLIENT_TIMEOUT_S = 10.0
@@ -106,12 +107,9 @@ class AdminServer:
     def _ready(self, client: Client) -> None:
         if client.outbox:
             client.flush()
-        try:
-            data = client.sock.recv(65536)
-        except (BlockingIOError, InterruptedError):
+        data = receive(client.sock)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:
             if not client.waiting:
                 self.drop(client)
@@ -138,7 +136,7 @@ class AdminServer:
         try:
             request = admin.decode_request(line)
         except ValueError as exc:
-            code = "unsupported_version" if "version" in str(exc) else "bad_request"
+            code = "unsupported_version" if isinstance(exc, admin.UnsupportedVersion) else "bad_request"
             client.reply(error=(code, str(exc)))
             return
         try:

@@ -24,6 +24,8 @@ from typing import NamedTuple
 
 import httptools
 
+from mcpherd.supervisor.sockets import receive
+
 log = logging.getLogger("mcpherd.metrics")
 
 
@@ -159,12 +161,9 @@ class MetricsServer:
             self._read(client)
 
     def _read(self, client: _Client) -> None:
-        try:
-            data = client.sock.recv(65536)
-        except (BlockingIOError, InterruptedError):
+        data = receive(client.sock)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:
             self._drop(client)
             return

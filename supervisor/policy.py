@@ -51,8 +51,3 @@ def recycle_limit(max_requests: int, jitter: int, rng: random.Random) -> int:
     if max_requests <= 0:
         return 0
     return max_requests + (rng.randint(0, jitter) if jitter > 0 else 0)
-
-
-def kill_escalation(started_s: float, now: float, grace_s: float) -> str:
-    """What a stopping worker gets next: nothing yet, then SIGKILL once its grace has passed."""
-    return "kill" if now - started_s >= grace_s else "wait"

@@ -28,6 +28,17 @@ from dataclasses import dataclass, field
 
 log = logging.getLogger("mcpherd.master")
 
+
+def receive(sock: socket.socket, size: int = 65536) -> bytes | None:
+    """One read from a non-blocking socket of the master's loop: None when nothing has arrived yet, b""
+    when the peer closed or the socket failed (either way the client is gone)."""
+    try:
+        return sock.recv(size)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError:
+        return b""
+
 BACKLOG = 2048
 SO_ATTACH_REUSEPORT_CBPF = 51
 # Classic BPF opcodes (linux/filter.h) for: A = random(); A %= n; return table[A].

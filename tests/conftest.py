@@ -136,6 +136,7 @@ def server(spawn: Callable[..., Process], tmp_path: Path) -> Iterator[str]:
 HANDSHAKE_VERSION = "2025-11-25"
 MODERN_VERSION = "2026-07-28"
 BOTH_ACCEPTED = "application/json, text/event-stream"
+WATCHED = "test://watched-resource"  # the demo app's resource whose updates a tool triggers
 
 
 @dataclass

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from conftest import (
+    WATCHED,
     Cluster,
     Event,
     RawHttp,
@@ -26,7 +27,6 @@ from conftest import (
     whoami,
 )
 
-WATCHED = "test://watched-resource"
 ELICIT: dict[str, Any] = {"elicitation": {}}
 SAMPLING: dict[str, Any] = {"sampling": {}}
 

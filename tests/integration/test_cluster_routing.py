@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from conftest import (
+    WATCHED,
     Cluster,
     Event,
     RawHttp,
@@ -30,8 +31,6 @@ from conftest import (
     tool_text,
     whoami,
 )
-
-WATCHED = "test://watched-resource"
 
 
 def owner_pattern(cluster: Cluster, pid: int) -> re.Pattern[str]:

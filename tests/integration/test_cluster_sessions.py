@@ -16,6 +16,7 @@ import pytest
 
 from conftest import (
     HANDSHAKE_VERSION,
+    WATCHED,
     Cluster,
     Event,
     RawHttp,
@@ -31,8 +32,6 @@ from conftest import (
     tool_text,
     whoami,
 )
-
-WATCHED = "test://watched-resource"
 
 
 def echo(http: RawHttp, session: str, text: str) -> str:

@@ -31,6 +31,7 @@ from typing import Any
 import pytest
 
 from conftest import (
+    WATCHED,
     Cluster,
     RawHttp,
     RedisServer,
@@ -52,7 +53,6 @@ from conftest import (
     wait_until,
 )
 
-WATCHED = "test://watched-resource"
 SAMPLING: dict[str, Any] = {"sampling": {}}
 CLONE_NEWNET = 0x40000000
 ROLES = {"a": 1, "b": 2, "r": 3, "c": 4}  # host A, host B, Redis, this test's client: 10.213.0.<n>

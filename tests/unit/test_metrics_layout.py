@@ -7,6 +7,7 @@ import os
 from collections.abc import Iterator
 
 import pytest
+from fake_cluster import FakeCluster
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
@@ -29,36 +30,6 @@ def start_process(cell: layout.Cell, pid: int, started_at: int) -> None:
     cell.clear()
     cell.set(layout.F_PID, pid)
     cell.set(layout.F_STARTED_AT, started_at)
-
-
-class FakeCluster:
-    def __init__(self) -> None:
-        self.lanes: list[LiveLane] = []
-        self.restarts = 0
-
-    def live_lanes(self) -> list[LiveLane]:
-        return list(self.lanes)
-
-    def worker_count(self) -> int:
-        return len(self.lanes)
-
-    def restarts_total(self) -> int:
-        return self.restarts
-
-    def reloads_total(self) -> int:
-        return 2
-
-    def scale_events(self) -> dict[str, int]:
-        return {"up": 1, "down": 0}
-
-    def restart_latency_s(self) -> float:
-        return 0.0
-
-    def redis_up(self) -> bool | None:
-        return None
-
-    def alerts_active(self) -> dict[str, str]:
-        return {}
 
 
 def test_layout_fits_in_the_cell_metrics_words() -> None:

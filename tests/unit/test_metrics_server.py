@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import pytest
 from conftest import wait_until
+from fake_cluster import FakeCluster
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -22,35 +23,6 @@ from mcpherd.shared import layout, metrics
 from mcpherd.supervisor.metrics import ClusterMetrics, LiveLane, MetricsServer, Reply, Route
 
 BIG = b"x" * (16 << 20)  # far more than a socket buffer: the server must send it in pieces
-
-
-class FakeCluster:
-    def __init__(self) -> None:
-        self.lanes: list[LiveLane] = []
-
-    def live_lanes(self) -> list[LiveLane]:
-        return list(self.lanes)
-
-    def worker_count(self) -> int:
-        return len(self.lanes)
-
-    def restarts_total(self) -> int:
-        return 0
-
-    def reloads_total(self) -> int:
-        return 0
-
-    def scale_events(self) -> dict[str, int]:
-        return {"up": 1, "down": 0}
-
-    def restart_latency_s(self) -> float:
-        return 0.0
-
-    def redis_up(self) -> bool | None:
-        return None
-
-    def alerts_active(self) -> dict[str, str]:
-        return {}
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """The supervisor's pure policies (supervisor/policy.py) on a fake clock: OTP restart intensity with
-exponential back-off, recycling limits with jitter, and kill escalation."""
+exponential back-off and recycling limits with jitter."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import pytest
 
 from mcpherd.supervisor.policy import (
     Intensity,
-    kill_escalation,
     recycle_limit,
     record_restart,
     restart_decision,
@@ -121,8 +120,3 @@ def test_recycle_limit_jitter_spreads_over_the_whole_inclusive_range() -> None:
 def test_recycle_limit_is_deterministic_for_a_seeded_rng() -> None:
     first = recycle_limit(100, 50, random.Random(3))
     assert [recycle_limit(100, 50, random.Random(3)) for _ in range(5)] == [first] * 5
-
-
-@pytest.mark.parametrize(("now", "action"), [(10.0, "wait"), (39.999, "wait"), (40.0, "kill"), (100.0, "kill")])
-def test_kill_escalation_waits_for_the_grace_then_kills(now: float, action: str) -> None:
-    assert kill_escalation(10.0, now, 30.0) == action
