@@ -125,7 +125,6 @@ class HttpConnection(asyncio.Protocol):
         self._write_paused = False
         self._batch = _write_batch(self._loop)
         self._out: list[bytes] = []  # written this loop turn, not yet handed to the transport
-        self._out_bytes = 0
         self._drain_waiters: list[asyncio.Future[None]] = []
         self.on_close: list[Callable[[], None]] = []
         self.draining = False  # graceful shutdown: close once the last response is written
@@ -281,8 +280,8 @@ class HttpConnection(asyncio.Protocol):
         """What a complete response gets before it is written: close when the client asked, gzip when it pays."""
         if not request.keep_alive:
             response.close = True
-        if response.content_type == "application/json":
-            gzip_if_worth_it(request, response)  # checks the size first: small answers cost one len()
+        if len(response.body) >= _GZIP_MIN_BYTES and response.content_type == "application/json":
+            gzip_if_worth_it(request, response)
 
     def _idle(self) -> None:
         """The last answer went out: wait for the next request, or close when draining."""
@@ -339,8 +338,10 @@ class HttpConnection(asyncio.Protocol):
         head += b"content-length: %d\r\n\r\n" % len(body)
         if self._traffic is not None:
             self._traffic[1] += len(head) + len(body)
-        if len(body) < 65536:
-            self._send(head + body)
+        if len(body) < 65536:  # `_send`, inlined: every response comes through here
+            if not self._out:
+                self._batch.add(self)
+            self._out.append(head + body)
         else:  # not copied into one buffer: the transport writes both with one writev
             self._send(head)
             self._send(body)
@@ -367,7 +368,6 @@ class HttpConnection(asyncio.Protocol):
         if not self._out:
             self._batch.add(self)
         self._out.append(data)
-        self._out_bytes += len(data)
 
     def flush_output(self) -> None:
         """Hand what this turn wrote to the transport: one write, or one writev for several pieces."""
@@ -375,7 +375,6 @@ class HttpConnection(asyncio.Protocol):
         if not out:
             return
         self._out = []
-        self._out_bytes = 0
         if self.transport is None or self.closed or self.transport.is_closing():
             return  # the transport refuses writes once closing: these were meant for a client that is gone
         if len(out) == 1:
@@ -385,7 +384,6 @@ class HttpConnection(asyncio.Protocol):
 
     def _drop_output(self) -> None:
         self._out = []
-        self._out_bytes = 0
 
     def duplicate_fd(self) -> int | None:
         """A duplicate of the socket's fd, for handing the connection to another process.
@@ -416,7 +414,8 @@ class HttpConnection(asyncio.Protocol):
 
     @property
     def write_buffer_size(self) -> int:
-        return self._out_bytes + (0 if self.transport is None else self.transport.get_write_buffer_size())
+        queued = sum(map(len, self._out))  # asked per SSE event, not per response: summed when asked
+        return queued + (0 if self.transport is None else self.transport.get_write_buffer_size())
 
     async def drained(self) -> None:
         """Wait until the transport accepts writes again (backpressure for streams)."""
@@ -499,9 +498,10 @@ class _WriteBatch:
         self._dirty: list[HttpConnection] = []
 
     def add(self, connection: HttpConnection) -> None:
-        if not self._dirty:
+        dirty = self._dirty
+        if not dirty:
             self._loop.call_soon(self.flush)
-        self._dirty.append(connection)
+        dirty.append(connection)
 
     def flush(self) -> None:
         dirty, self._dirty = self._dirty, []
