@@ -489,18 +489,27 @@ class _WriteBatch:
     `call_soon` from inside an I/O callback runs after every other socket that was readable in the same
     poll has been handled, and before the loop polls again: the answers to that whole batch of requests
     leave back to back, without a timer and without waiting for more input.
+
+    A turn can handle hundreds of readable sockets (a burst after a stall, thousands of clients); the
+    first answer must not wait for all of them. Once `max_connections` wrote, they leave at once and a
+    new batch begins: the wake-ups are already 1/32 of one per answer, and the wait the batch adds to an
+    answer is bounded by 32 requests' worth of work (~0.7 ms here).
     """
 
-    __slots__ = ("_loop", "_dirty")
+    __slots__ = ("_loop", "_dirty", "max_connections")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, max_connections: int = 32) -> None:
         self._loop = loop
         self._dirty: list[HttpConnection] = []
+        self.max_connections = max_connections
 
     def add(self, connection: HttpConnection) -> None:
         dirty = self._dirty
         if not dirty:
             self._loop.call_soon(self.flush)
+        elif len(dirty) >= self.max_connections:
+            self.flush()  # the call already scheduled sends the new batch at the turn's end
+            dirty = self._dirty
         dirty.append(connection)
 
     def flush(self) -> None:
