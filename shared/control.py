@@ -135,9 +135,13 @@ class RedisState(msgspec.Struct, tag=True):
     detail: str
 
 
+class RedisPing(msgspec.Struct, tag=True):
+    slowest_s: float  # the slowest of the bridge's recent PING round trips (bridge.SLOW_WINDOW of them)
+
+
 Message = (Stop | Retire | ReopenLogs | Wake | Snapshot | Published | Deliver | Adopt | Hello | Applied
            | Publish | Forward | Handoff | Outbound | Inbound | RemoteForward | RemoteDeliver | L2Invalidate
-           | L2Done | RedisState)
+           | L2Done | RedisState | RedisPing)
 _encoder = msgspec.msgpack.Encoder()
 _decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(Message)
 

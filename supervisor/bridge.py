@@ -13,6 +13,12 @@ When Redis goes away the bridge reports it (the master logs one warning and expo
 mcpherd_redis_up 0), retries with exponential back-off and jitter, and on reconnecting reports it
 again: the master then drops every L1 cache on the host, because invalidations published while the
 subscription was down are lost (pub/sub keeps nothing).
+
+A Redis that is alive but slow loses events just the same: a publish or an L2 delete that misses its
+timeout is gone, though the subscription never broke. So "up" means more than subscribed: `Health`
+also turns it down when a write to Redis fails or PINGs keep missing the timeout, and back up only
+after PINGs come back on time again. Going down and up is what makes the master resynchronise, so an
+event lost to a slow Redis costs a cold cache, never a stale one.
 """
 
 from __future__ import annotations
@@ -21,6 +27,9 @@ import asyncio
 import logging
 import random
 import socket
+import time
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
@@ -37,6 +46,56 @@ RECONNECT_MAX_S = 10.0
 HEALTH_INTERVAL_S = 1.0  # PING the subscription this often
 HEALTH_TIMEOUT_S = 3.0  # a subscription that heard nothing (not even a PONG) for this long is dead
 PUBLISH_BATCH = 512  # messages per pipelined round trip
+SLOW_WINDOW = 10  # PINGs remembered (one a second)
+SLOW_PINGS = 3  # late PINGs within the window that make Redis too slow to rely on
+ON_TIME_PINGS = 3  # consecutive on-time PINGs that make it reliable again
+
+
+@dataclass
+class Health:
+    """Whether this host can rely on Redis, from what the bridge observes (pure: no I/O, no clock).
+
+    One late PING is a hiccup (the bridge itself may have been descheduled); SLOW_PINGS late ones in
+    the last SLOW_WINDOW are a slow Redis. A failed write is decisive at once: something was lost.
+    Trust returns after ON_TIME_PINGS in a row, with a clean window, so a flapping Redis is not
+    trusted again on one good answer.
+    """
+
+    timeout_s: float  # the Redis calls' own timeout: slower than this, they fail
+    trusted: bool = True
+    on_time: int = 0
+    recent: deque[float] = field(default_factory=lambda: deque(maxlen=SLOW_WINDOW))
+
+    def pinged(self, seconds: float) -> str | None:
+        """A PING's round trip; returns why trust was lost or regained by it, if it was."""
+        self.recent.append(seconds)
+        late = seconds > self.timeout_s
+        self.on_time = 0 if late else self.on_time + 1
+        if self.trusted and late and sum(1 for s in self.recent if s > self.timeout_s) >= SLOW_PINGS:
+            return self._distrust()
+        if not self.trusted and self.on_time >= ON_TIME_PINGS:
+            self.trusted = True
+            self.recent.clear()
+            return f"{ON_TIME_PINGS} PINGs in a row answered within {self.timeout_s * 1000:g} ms"
+        return None
+
+    def write_failed(self) -> bool:
+        """A publish or an L2 delete missed: True if that lost our trust just now."""
+        if not self.trusted:
+            return False
+        self._distrust()
+        return True
+
+    def _distrust(self) -> str:
+        self.trusted = False
+        self.on_time = 0
+        late = sum(1 for s in self.recent if s > self.timeout_s)
+        return (f"{late} of the last {len(self.recent)} PINGs took longer than {self.timeout_s * 1000:g} ms "
+                f"(slowest {max(self.recent, default=0.0) * 1000:,.0f} ms)")
+
+    @property
+    def slowest_s(self) -> float:
+        return max(self.recent, default=0.0)
 
 
 class Bridge:
@@ -51,6 +110,9 @@ class Bridge:
         self.loop = asyncio.get_running_loop()
         self.stopping = asyncio.Event()
         self.up: bool | None = None
+        self.subscribed = False
+        self.health = Health(timeout)
+        self.pings: deque[float] = deque()  # when each unanswered PING left (answers come in order)
         self.outbox: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
 
     async def run(self) -> None:
@@ -69,12 +131,16 @@ class Bridge:
             try:
                 await pubsub.subscribe(f"{self.prefix}events", f"{self.prefix}host:{self.host}")
                 self.l2.down_until = 0.0  # Redis answers again: the resynchronisation's L2 flush must not wait
-                self._state(True, "subscribed")
+                self.subscribed = True
+                self._state(self.health.trusted, "subscribed")
                 attempt = 0
                 await self._receive(pubsub)
             except (RedisError, OSError) as exc:
+                self.subscribed = False
                 self._state(False, f"{type(exc).__name__}: {exc}")
             finally:
+                self.subscribed = False
+                self.pings.clear()
                 await _discard(pubsub)
             attempt += 1
             delay = min(RECONNECT_MAX_S, RECONNECT_INITIAL_S * 2 ** min(attempt, 10))
@@ -91,11 +157,25 @@ class Bridge:
                 heard = now
                 if message.get("type") == "message":
                     self._inbound(message["channel"], message["data"])
+                elif message.get("type") == "pong" and self.pings:
+                    self._pinged(time.monotonic() - self.pings.popleft())
             if now - heard > HEALTH_TIMEOUT_S:
                 raise TimeoutError(f"no answer from Redis for {now - heard:.1f}s")
             if now - pinged >= HEALTH_INTERVAL_S:
                 pinged = now
+                self.pings.append(time.monotonic())
                 await pubsub.ping()
+
+    def _pinged(self, seconds: float) -> None:
+        changed = self.health.pinged(seconds)
+        control.send(self.channel, control.RedisPing(self.health.slowest_s))
+        if changed is not None:
+            self._state(self.subscribed and self.health.trusted, changed)
+
+    def _write_failed(self, what: str) -> None:
+        """Something meant for other hosts is lost: down now, so that coming back up resynchronises."""
+        if self.health.write_failed():
+            self._state(False, what)
 
     def _inbound(self, channel: bytes, data: bytes) -> None:
         try:
@@ -137,6 +217,8 @@ class Bridge:
         elif isinstance(message, control.L2Invalidate):
             event = events.decode(message.event)
             ok = await self.l2.invalidate(event.key, event.tag_, event.prefix, event.all)
+            if not ok:
+                self._write_failed("deleting invalidated entries from the L2 cache failed")
             control.send(self.channel, control.L2Done(message.request_id, ok))
 
     async def _publish_in_order(self) -> None:
@@ -152,7 +234,7 @@ class Bridge:
                         pipe.publish(channel, data)
                     await pipe.execute()
             except (RedisError, OSError, asyncio.TimeoutError) as exc:
-                log.debug("publishing %d messages failed: %s", len(batch), exc)  # the subscriber reports outages
+                self._write_failed(f"publishing {len(batch)} messages failed: {type(exc).__name__}: {exc}")
 
 
 async def _discard(pubsub: Any) -> None:

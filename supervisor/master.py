@@ -194,6 +194,9 @@ class Master:
     def redis_up(self) -> bool | None:
         return self.redis.up if self.redis.enabled else None
 
+    def redis_ping_s(self) -> float | None:
+        return self.redis.ping_s if self.redis.enabled else None
+
     def restart_latency_s(self) -> float:
         latest = [s.last_restart_latency_ms for s in self.slots if s.last_restart_latency_ms]
         return max(latest) / 1000 if latest else 0.0

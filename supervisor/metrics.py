@@ -60,6 +60,7 @@ class Cluster(Protocol):
     def scale_events(self) -> dict[str, int]: ...
     def restart_latency_s(self) -> float: ...
     def redis_up(self) -> bool | None: ...  # None: no Redis configured
+    def redis_ping_s(self) -> float | None: ...  # None: no Redis configured, or no PING answered yet
     def alerts_active(self) -> dict[str, str]: ...
 
 
@@ -136,8 +137,12 @@ class ClusterMetrics:
         yield alert
         redis_up = self.cluster.redis_up()
         if redis_up is not None:
-            yield GaugeMetricFamily("mcpherd_redis_up", "1 while this host's Redis subscription is live.",
-                                    value=int(redis_up))
+            yield GaugeMetricFamily("mcpherd_redis_up", "1 while this host's Redis subscription is live and "
+                                    "Redis answers in time.", value=int(redis_up))
+        ping_s = self.cluster.redis_ping_s()
+        if ping_s is not None:
+            yield GaugeMetricFamily("mcpherd_redis_ping_seconds", "Slowest PING round trip to Redis among "
+                                    "this host's last 10 (one a second).", value=ping_s)
         yield GaugeMetricFamily("mcpherd_restart_latency_seconds", "Death of a worker to its replacement "
                                 "accepting, last measured per cluster.", value=self.cluster.restart_latency_s())
 

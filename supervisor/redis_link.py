@@ -3,7 +3,8 @@
 Without a Redis URL none of this runs and the cluster is one host. With one, every event raised on
 this host goes out (Outbound), every event from another host comes into this host's ring (Inbound,
 never sent out again), answers for processes on other hosts travel through their host channel, and
-the bridge's view of Redis (up or down) becomes a log line on each change and mcpherd_redis_up.
+the bridge's view of Redis (up or down) becomes a log line on each change and mcpherd_redis_up, and
+its recent PING round trips mcpherd_redis_ping_seconds.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class RedisLink:
         self.channel: Any = None
         self.up = False
         self.was_down = False
+        self.ping_s: float | None = None  # the slowest recent PING, once the bridge measured one
         self.respawn_at = 0.0
         self.ids = itertools.count(1)
         self.l2_waiters: dict[int, Callable[[bool], None]] = {}
@@ -131,6 +133,8 @@ class RedisLink:
                 answer(message.ok)
         elif isinstance(message, control.RedisState):
             self._set_up(message.up, message.detail)
+        elif isinstance(message, control.RedisPing):
+            self.ping_s = message.slowest_s
 
     def _set_up(self, up: bool, detail: str) -> None:
         if up == self.up and (up or self.was_down):  # "down" from the start is an outage too
@@ -138,8 +142,8 @@ class RedisLink:
         self.up = up
         if not up:
             self.was_down = True
-            log.warning("Redis is unreachable (%s): cache, invalidations and sessions are host-local until "
-                        "it returns; tool calls go on", detail)
+            log.warning("Redis is unreachable or too slow to rely on (%s): cache, invalidations and sessions "
+                        "are host-local until it answers in time again; tool calls go on", detail)
             return
         log.info("Redis is reachable (%s)", detail)
         if self.was_down:

@@ -50,13 +50,18 @@ class WorkerLaunch:
 
 def fork_worker(launch: WorkerLaunch) -> int:
     """Fork; in the parent return the child's pid. The child never returns."""
+    return _fork(lambda master_pid: _become_worker(launch, master_pid))
+
+
+def _fork(child: Callable[[int], int]) -> int:
+    """Fork; the parent gets the pid, the child runs `child(master pid)` and exits with what it returns."""
     master_pid = os.getpid()
     pid = os.fork()
     if pid:
         return pid
     code = EXIT_BOOT_ERROR
     try:
-        code = _become_worker(launch, master_pid)
+        code = child(master_pid)
     except BaseException:  # noqa: BLE001 - the child must never unwind into master code
         traceback.print_exc()
     finally:
@@ -75,18 +80,10 @@ def _become_child(master_pid: int, keep: set[int], title: str) -> None:
 
 def fork_bridge(channel: socket.socket, keep_fds: frozenset[int], run: Callable[[], int]) -> int:
     """Fork the Redis bridge (supervisor/bridge.py); in the parent return its pid."""
-    master_pid = os.getpid()
-    pid = os.fork()
-    if pid:
-        return pid
-    code = EXIT_BOOT_ERROR
-    try:
+    def bridge(master_pid: int) -> int:
         _become_child(master_pid, {channel.fileno(), *keep_fds}, "mcpherd: redis bridge")
-        code = run()
-    except BaseException:  # noqa: BLE001 - the child must never unwind into master code
-        traceback.print_exc()
-    finally:
-        os._exit(code)
+        return run()
+    return _fork(bridge)
 
 
 def _become_worker(launch: WorkerLaunch, master_pid: int) -> int:

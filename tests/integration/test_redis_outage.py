@@ -195,3 +195,51 @@ def test_a_host_started_without_redis_serves_and_joins_when_redis_starts(
     warned = redis_warnings(alone)
     # One warning for the outage, and one that sessions stay host-local (no shared secret) until a restart.
     assert [("unreachable" in w, "secret" in w) for w in warned] == [(False, True), (True, False)], warned
+
+
+# A Lua script holds Redis (single-threaded) for ARGV[1] microseconds: every other client waits, though
+# every connection stays open and everything is answered in the end. Back to back, they make Redis slow.
+BUSY_SCRIPT = """
+local t = redis.call('TIME')
+local start = tonumber(t[1]) * 1000000 + tonumber(t[2])
+repeat t = redis.call('TIME') until tonumber(t[1]) * 1000000 + tonumber(t[2]) - start > tonumber(ARGV[1])
+return 1
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_slow_redis_is_not_relied_on_and_its_return_resynchronises_the_cache(
+        clusters: Callable[..., Cluster], redis_server: RedisServer) -> None:
+    """Slow but alive: nothing fails or closes, yet anything published or deleted with a timeout may be
+    lost. The host stops relying on Redis (one warning), keeps serving, and resynchronises once PINGs
+    are answered in time again."""
+    cluster = clusters(1, "--redis", redis_server.url)
+    wait_redis_up(cluster)
+    busy = redis_server.client()
+    stop = threading.Event()
+
+    def hold_redis() -> None:
+        while not stop.is_set():
+            busy.eval(BUSY_SCRIPT, 0, 1_500_000)
+
+    holder = threading.Thread(target=hold_redis, daemon=True)
+    with RawHttp(cluster.url) as http:
+        computed = forecast(http, "Lima")
+        assert forecast(http, "Lima") == computed
+        holder.start()
+        try:
+            wait_redis_up(cluster, up=False, timeout=30.0)
+            assert metric_value(cluster.scrape(), "mcpherd_redis_ping_seconds") > 0.25
+            started = time.monotonic()
+            reply = modern_call(http, "tools/call", {"name": "echo", "arguments": {"text": "still serving"}})
+            assert tool_text(reply.json()["result"]) == "still serving"
+            assert time.monotonic() - started < CALL_BUDGET_S
+        finally:
+            stop.set()
+            holder.join(10)
+        wait_redis_up(cluster, timeout=30.0)
+        # What was cached while Redis could not be relied on is dropped: recomputed, not served stale.
+        wait_until(lambda: forecast(http, "Lima") != computed, 10.0, 0.05, "the resynchronisation")
+    warned = redis_warnings(cluster)
+    assert len(warned) == 1 and "PINGs took longer than 250 ms" in warned[0], warned
+    assert metric_value(cluster.scrape(), "mcpherd_redis_ping_seconds") < 0.25

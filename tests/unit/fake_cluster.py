@@ -33,5 +33,8 @@ class FakeCluster:
     def redis_up(self) -> bool | None:
         return None
 
+    def redis_ping_s(self) -> float | None:
+        return None
+
     def alerts_active(self) -> dict[str, str]:
         return {}
