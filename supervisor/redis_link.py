@@ -97,8 +97,12 @@ class RedisLink:
         return control.send(self.channel, control.RemoteForward(host, owner, payload))
 
     def invalidate_l2(self, event: events.Invalidate, answer: Callable[[bool], None]) -> None:
-        """Delete the shared L2 entries first, so no host refills its L1 from them afterwards."""
-        if self.channel is None or not self.up:
+        """Delete the shared L2 entries first, so no host refills its L1 from them afterwards.
+
+        Tried even while Redis is not relied on: a slow Redis may still take the delete, and then no
+        worker reads the stale entry back meanwhile (an unreachable one costs the L2 client's back-off).
+        """
+        if self.channel is None:
             answer(False)
             return
         request_id = next(self.ids)
