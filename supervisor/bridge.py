@@ -136,7 +136,6 @@ class Bridge:
                 attempt = 0
                 await self._receive(pubsub)
             except (RedisError, OSError) as exc:
-                self.subscribed = False
                 self._state(False, f"{type(exc).__name__}: {exc}")
             finally:
                 self.subscribed = False
