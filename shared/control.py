@@ -56,6 +56,7 @@ class Snapshot(msgspec.Struct, tag=True):
     log_levels: dict[str, str]
     subscriptions: dict[str, list[str]]
     ended: list[bytes]
+    redis_trusted: bool = True  # the last events.RedisTrust this host published
 
 
 class Published(msgspec.Struct, tag=True):
@@ -151,6 +152,10 @@ def channel() -> tuple[socket.socket, socket.socket]:
     master_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     master_end.setblocking(False)
     return master_end, worker_end
+
+
+def encode(message: Any) -> bytes:
+    return _encoder.encode(message)
 
 
 def send(sock: socket.socket, message: Any, fd: int | None = None) -> bool:

@@ -60,7 +60,15 @@ class SessionEnded(msgspec.Struct, tag=True):
     expires: float  # wall-clock time after which the token is invalid anyway
 
 
-Event = Invalidate | ResourceUpdated | ListChanged | SetLogLevel | Subscribe | SessionEnded
+class RedisTrust(msgspec.Struct, tag=True):
+    """Host-local, never published to other hosts: whether workers may read and fill the L2 cache. Off
+    while this host cannot rely on Redis (an entry whose delete was lost could be read back), on again
+    once the resynchronisation has emptied L2."""
+
+    trusted: bool
+
+
+Event = Invalidate | ResourceUpdated | ListChanged | SetLogLevel | Subscribe | SessionEnded | RedisTrust
 _encoder = msgspec.msgpack.Encoder()
 _decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(Event)
 

@@ -33,6 +33,7 @@ class L2Cache:
         self.max_entry_bytes = max_entry_bytes
         self.down_until = 0.0
         self.failures = 0
+        self.suspended = False  # the host does not rely on Redis (events.RedisTrust): no reads, no fills
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}cache:{key}"
@@ -42,7 +43,7 @@ class L2Cache:
         return time.monotonic() >= self.down_until
 
     async def get(self, key: str) -> Any | None:
-        if not self.available:
+        if self.suspended or not self.available:
             return None
         try:
             data = await asyncio.wait_for(self.client.get(self._key(key)), self.timeout)
@@ -54,7 +55,7 @@ class L2Cache:
 
     async def put(self, key: str, value: Any, ttl: float, tags: tuple[str, ...]) -> None:
         data = msgspec.msgpack.encode(value)
-        if not self.available or len(data) > self.max_entry_bytes or ttl <= 0:
+        if self.suspended or not self.available or len(data) > self.max_entry_bytes or ttl <= 0:
             return
         milliseconds = max(1, int(ttl * 1000))
         try:

@@ -7,6 +7,12 @@ worker serves the stale entry any more". A worker that has not said Hello yet st
 event with a cold cache, and one that exits stops counting; one that never answers (stalled: the
 heartbeat check will kill it) is given up on after ACK_TIMEOUT_S, and the publisher is told.
 
+Wakes are coalesced: one per worker per loop turn, for the newest sequence (a worker reads the ring
+up to the newest entry whatever the Wake says). A control channel is a SEQPACKET pair whose receive
+queue holds only net.unix.max_dgram_qlen (10) messages: a Wake per event per worker filled it during
+bursts of invalidations, and the message that did not fit next was as likely a Published answer,
+leaving its publisher waiting. A Wake that still did not fit is sent again while the worker is behind.
+
 The master also keeps the session tables (log levels, subscriptions, ended sessions) by reading the
 events it publishes, so a new worker gets a Snapshot and serves existing sessions correctly.
 """
@@ -30,6 +36,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mcpherd.master")
 ACK_TIMEOUT_S = 5.0
+REWAKE_S = 0.05  # a worker still behind the ring this long after its Wake is woken again
 _TAG = re.compile(r"(?P<host>[0-9a-f]{8})w(?P<slot>\d+)(?P<lane>[ab])")
 MAX_TABLE_ENTRIES = 100_000
 
@@ -52,6 +59,7 @@ class Bus:
         self.subscriptions: OrderedDict[str, set[str]] = OrderedDict()
         self.ended: dict[bytes, float] = {}
         self.published = 0
+        self.woken: dict[int, tuple[int, float]] = {}  # pid -> (sequence, monotonic time) of its last Wake
 
     # -- messages from workers -----------------------------------------------------------------
     def on_message(self, proc: Proc, message: Any, fd: int | None) -> None:
@@ -94,7 +102,7 @@ class Bus:
         self._publish(payload, None, outbound=False)
 
     def publish_local(self, event: Any) -> None:
-        """An event for this host only (the resynchronisation after a Redis outage)."""
+        """An event for this host only (RedisTrust: whether its workers may use L2)."""
         self._publish(events.encode(event), None, outbound=False)
 
     def deliver(self, owner: str, payload: bytes) -> None:
@@ -108,9 +116,6 @@ class Bus:
             self.master.redis.outbound(payload)
         self.published += 1
         self._track(events.decode(payload))
-        for proc in self.master.processes():
-            if proc.state is not State.EXITED:
-                control.send(proc.channel, control.Wake(seq))
         if answer is not None:
             self.waiters.append(Waiter(seq, time.monotonic() + ACK_TIMEOUT_S, answer))
             self.check()
@@ -132,8 +137,27 @@ class Bus:
             waiter.answer(waiter.seq, not missing)
         self.waiters = remaining
 
+    def wake(self) -> None:
+        """Once per loop turn: wake every worker behind the ring, unless a Wake for the newest entry is
+        on its way and young. One that has not said Hello yet gets the newest sequence in its Snapshot
+        (and a channel it does not read yet must not fill up with Wakes before that)."""
+        newest = self.ring.write_seq
+        if not newest:
+            return
+        now = time.monotonic()
+        for proc in self.master.processes():
+            if proc.state is State.EXITED or proc.pid not in self.hello \
+                    or proc.cell.get(layout.F_EVENTS_APPLIED) >= newest:
+                continue
+            seq, sent = self.woken.get(proc.pid, (0, 0.0))
+            if seq == newest and now - sent < REWAKE_S:
+                continue
+            if control.send(proc.channel, control.Wake(newest)):
+                self.woken[proc.pid] = (newest, now)
+
     def forget(self, proc: Proc) -> None:
         """A worker exited: it no longer holds state, so it no longer needs to acknowledge."""
+        self.woken.pop(proc.pid, None)
         self.hello.discard(proc.pid)
         self.tool_names.pop(proc.pid, None)
         self.check()
@@ -158,7 +182,7 @@ class Bus:
     def _snapshot(self) -> control.Snapshot:
         return control.Snapshot(self.ring.write_seq, dict(self.log_levels),
                                 {token: sorted(uris) for token, uris in self.subscriptions.items()},
-                                list(self.ended))
+                                list(self.ended), self.master.redis.workers_trust)
 
     def _owner(self, tag: str) -> Proc | None:
         """`<host id>w<slot><lane>` -> the live process in that lane of this host."""

@@ -93,7 +93,7 @@ class Master:
         self.redis = RedisLink(self, self.host_id)
         self.announced_generation = 0  # the generation systemd was last told READY=1 for
         self.on_tick: list[Callable[[], None]] = [self.upgrade.tick, self.watch_listen_drops, self.bus.check,
-                                                  self.every_second]
+                                                  self.bus.wake, self.every_second]
         self.drops_checked = 0.0
         self.listen_overflows = 0  # since this master started
         self.listen_drops = 0
@@ -283,6 +283,7 @@ class Master:
         self.setup()
         while self.running:
             self.sleep()
+            self.bus.wake()  # what this turn's messages published, before the rest of the turn
             self.dispatch_signals()
             self.reap()
             self.check_workers()

@@ -40,6 +40,8 @@ class RedisLink:
         self.up = False
         self.was_down = False
         self.ping_s: float | None = None  # the slowest recent PING, once the bridge measured one
+        self.workers_trust = False  # the last events.RedisTrust published: may workers use the L2 cache
+        self.resyncs = 0  # a resynchronisation's trust is void once another outage began
         self.respawn_at = 0.0
         self.ids = itertools.count(1)
         self.l2_waiters: dict[int, Callable[[bool], None]] = {}
@@ -146,15 +148,32 @@ class RedisLink:
         self.up = up
         if not up:
             self.was_down = True
+            self.resyncs += 1
+            self._trust(False)
             log.warning("Redis is unreachable or too slow to rely on (%s): cache, invalidations and sessions "
                         "are host-local until it answers in time again; tool calls go on", detail)
             return
         log.info("Redis is reachable (%s)", detail)
-        if self.was_down:
-            # Invalidations raised during the outage reached neither L2 (left stale for every host) nor the
-            # hosts that were subscribed: empty L2, then every L1 on every host. A cold cache is never stale.
-            log.info("resynchronising after the Redis outage: dropping every cached result (L2, every host's L1)")
-            self.master.bus.publish_from_master(events.Invalidate(all=True), lambda _seq, _complete: None)
+        if not self.was_down:
+            self._trust(True)
+            return
+        # Invalidations raised during the outage reached neither L2 (left stale for every host) nor the
+        # hosts that were subscribed: empty L2, then every L1 on every host. A cold cache is never stale.
+        # Workers use L2 again only after that, and only if Redis did not fail again meanwhile.
+        log.info("resynchronising after the Redis outage: dropping every cached result (L2, every host's L1)")
+        self.resyncs += 1
+        resync = self.resyncs
+
+        def resynchronised(_seq: int, _complete: bool) -> None:
+            if resync == self.resyncs and self.up:
+                self._trust(True)
+        self.master.bus.publish_from_master(events.Invalidate(all=True), resynchronised)
+
+    def _trust(self, trusted: bool) -> None:
+        """Tell this host's workers whether to read and fill L2 (an event of this host's ring only)."""
+        if trusted != self.workers_trust:
+            self.workers_trust = trusted
+            self.master.bus.publish_local(events.RedisTrust(trusted))
 
     def _close_channel(self) -> None:
         if self.channel is not None:

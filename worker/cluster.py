@@ -19,7 +19,10 @@ import logging
 import socket
 import time
 from collections.abc import Callable
+from collections import deque
 from typing import TYPE_CHECKING, Any
+
+import msgspec
 
 from mcpherd.shared import control, events, layout
 
@@ -27,6 +30,7 @@ if TYPE_CHECKING:
     from mcpherd.worker.server import Worker
 
 log = logging.getLogger("mcpherd.worker")
+OUTBOX_MAX = 10_000  # messages waiting for room in the channel; past this the master is not reading
 
 
 class Cluster:
@@ -42,6 +46,7 @@ class Cluster:
         self.waiting: dict[int, asyncio.Future[bool]] = {}
         self.ids = itertools.count(1)
         self.on_propagation: Callable[[float], None] | None = None
+        self.outbox: deque[bytes] = deque()  # to the master, in order, once its channel has room
         self._set_applied(self.applied)
 
     @property
@@ -53,7 +58,7 @@ class Cluster:
             return
         self.channel.setblocking(False)
         self.loop.add_reader(self.channel.fileno(), self._readable)
-        control.send(self.channel, control.Hello(tool_names))
+        self._send(control.Hello(tool_names))
 
     # -- outgoing ------------------------------------------------------------------------------
     def publish(self, event: Any, wait: bool = True) -> asyncio.Future[bool]:
@@ -65,7 +70,7 @@ class Cluster:
             return done
         request_id = next(self.ids)
         assert self.channel is not None
-        if not control.send(self.channel, control.Publish(request_id, events.encode(event), wait)):
+        if not self._send(control.Publish(request_id, events.encode(event), wait)):
             self.apply(event, 0)  # the master is gone: at least this worker stays correct
             done.set_result(False)
             return done
@@ -79,10 +84,45 @@ class Cluster:
         return identifier.split("-", 1)[0] == self.tag
 
     def forward(self, owner: str, payload: bytes) -> bool:
-        return self.channel is not None and control.send(self.channel, control.Forward(owner, payload))
+        return self._send(control.Forward(owner, payload))
 
     def handoff(self, owner: str, request: bytes, fd: int) -> bool:
-        return self.channel is not None and control.send(self.channel, control.Handoff(owner, request), fd)
+        """Not queued: the caller closes its copy of the fd as soon as this returns."""
+        return self.channel is not None and not self.outbox and \
+            control.send(self.channel, control.Handoff(owner, request), fd)
+
+    def _send(self, message: Any) -> bool:
+        """To the master, in order. The channel's queue holds only net.unix.max_dgram_qlen (10) messages,
+        so a burst (acknowledgements, publishes) while the master is busy waits here for room instead of
+        being lost; False only when the master is gone or has stopped reading altogether."""
+        if self.channel is None:
+            return False
+        data = control.encode(message)
+        if not self.outbox:
+            try:
+                self.channel.send(data)
+                return True
+            except BlockingIOError:
+                self.loop.add_writer(self.channel.fileno(), self._drain)
+            except OSError:
+                return False
+        if len(self.outbox) >= OUTBOX_MAX:
+            return False
+        self.outbox.append(data)
+        return True
+
+    def _drain(self) -> None:
+        assert self.channel is not None
+        while self.outbox:
+            try:
+                self.channel.send(self.outbox[0])
+            except BlockingIOError:
+                return
+            except OSError:
+                self.outbox.clear()  # the master is gone; the reader side notices and stops the worker
+                break
+            self.outbox.popleft()
+        self.loop.remove_writer(self.channel.fileno())
 
     # -- incoming ------------------------------------------------------------------------------
     def _readable(self) -> None:
@@ -110,6 +150,7 @@ class Cluster:
                 waiter.set_result(message.complete)
         elif isinstance(message, control.Snapshot):
             self.worker.endpoint.sessions.load_tables(message.log_levels, message.subscriptions, message.ended)
+            self.trust_redis(message.redis_trusted)
             self.apply_until(max(message.seq, self.ring.write_seq if self.ring else 0))
         elif isinstance(message, control.Deliver):
             self.worker.endpoint.deliver_forwarded(message.payload)
@@ -127,10 +168,14 @@ class Cluster:
             self.worker.cache.invalidate(all=True)
         now = time.monotonic_ns()
         for _seq, published_ns, payload in entries:
-            self.apply(events.decode(payload), now - published_ns)
+            try:
+                event = events.decode(payload)
+            except msgspec.DecodeError:  # a kind of event from a newer master (SIGUSR2 upgrade): not ours
+                log.warning("ignored a cluster event this worker's version does not know")
+                continue
+            self.apply(event, now - published_ns)
         self._set_applied(seq)
-        if self.channel is not None:
-            control.send(self.channel, control.Applied(seq))
+        self._send(control.Applied(seq))
 
     def apply(self, event: Any, latency_ns: int) -> None:
         endpoint = self.worker.endpoint
@@ -146,8 +191,14 @@ class Cluster:
             endpoint.sessions.set_subscription(event.session, event.uri, event.on)
         elif isinstance(event, events.SessionEnded):
             endpoint.sessions.ended(event.session, event.nonce, event.expires)
+        elif isinstance(event, events.RedisTrust):
+            self.trust_redis(event.trusted)
         if latency_ns and self.on_propagation is not None:
             self.on_propagation(latency_ns / 1e9)
+
+    def trust_redis(self, trusted: bool) -> None:
+        if self.worker.l2 is not None:
+            self.worker.l2.suspended = not trusted
 
     def _set_applied(self, seq: int) -> None:
         self.applied = seq

@@ -220,7 +220,7 @@ def test_a_slow_redis_is_not_relied_on_and_its_return_resynchronises_the_cache(
 
     def hold_redis() -> None:
         while not stop.is_set():
-            busy.eval(BUSY_SCRIPT, 0, 1_500_000)
+            busy.eval(BUSY_SCRIPT, 0, 800_000)  # short of the subscription's 3 s of silence, twice over
 
     holder = threading.Thread(target=hold_redis, daemon=True)
     with RawHttp(cluster.url) as http:
@@ -243,3 +243,42 @@ def test_a_slow_redis_is_not_relied_on_and_its_return_resynchronises_the_cache(
     warned = redis_warnings(cluster)
     assert len(warned) == 1 and "PINGs took longer than 250 ms" in warned[0], warned
     assert metric_value(cluster.scrape(), "mcpherd_redis_ping_seconds") < 0.25
+
+
+@pytest.mark.timeout(120)
+def test_an_invalidation_lost_to_redis_stops_l2_reads_until_the_resynchronisation(
+        clusters: Callable[..., Cluster], redis_server: RedisServer) -> None:
+    """CLIENT PAUSE WRITE: Redis answers reads and PINGs at once but holds writes (a publish, a delete)
+    past their timeout. The invalidation that cannot be published could leave a stale entry in L2, so
+    no worker of this host reads L2 until the resynchronisation has emptied it."""
+    cluster = clusters(2, "--redis", redis_server.url)
+    wait_redis_up(cluster)
+    first, second = sorted(cluster.worker_pids())
+    held = connect_to_workers(cluster.url, {first, second})
+    probe = redis_server.client()
+
+    def l2_reads() -> int:
+        return int(probe.info("commandstats").get("cmdstat_get", {}).get("calls", 0))
+
+    try:
+        forecast(held[second], "Cusco")  # the second worker reads L2 (a miss) and fills it
+        assert l2_reads() >= 1
+        probe.execute_command("CLIENT", "PAUSE", "2500", "WRITE")
+        reply = modern_call(held[first], "tools/call", {"name": "refresh_weather", "arguments": {"city": "Cusco"}})
+        assert tool_text(reply.json()["result"]) == "forecasts invalidated: Cusco"
+        wait_redis_up(cluster, up=False, timeout=10.0)
+        before = l2_reads()
+        forecast(held[second], "Puno")  # not in its L1: only the suspension keeps it from reading L2
+        assert l2_reads() == before
+        wait_redis_up(cluster, timeout=20.0)
+        fresh = (f"Tacna-{n}" for n in range(1000))
+
+        def reads_l2_again() -> bool:  # a new city each time: a miss in its L1 (its own back-off may linger)
+            forecast(held[second], next(fresh))
+            return l2_reads() > before
+        wait_until(reads_l2_again, 20.0, 0.2, "the second worker to read L2 again after the resynchronisation")
+    finally:
+        for http in held.values():
+            http.close()
+    warned = redis_warnings(cluster)
+    assert len(warned) == 1 and "publishing" in warned[0], warned
