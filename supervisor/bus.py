@@ -11,7 +11,8 @@ Wakes are coalesced: one per worker per loop turn, for the newest sequence (a wo
 up to the newest entry whatever the Wake says). A control channel is a SEQPACKET pair whose receive
 queue holds only net.unix.max_dgram_qlen (10) messages: a Wake per event per worker filled it during
 bursts of invalidations, and the message that did not fit next was as likely a Published answer,
-leaving its publisher waiting. A Wake that still did not fit is sent again while the worker is behind.
+leaving its publisher waiting. A Wake that still did not fit is sent again while the worker is behind;
+every other message to a worker goes through `Master.send`, which queues what does not fit.
 
 The master also keeps the session tables (log levels, subscriptions, ended sessions) by reading the
 events it publishes, so a new worker gets a Snapshot and serves existing sessions correctly.
@@ -72,7 +73,7 @@ class Bus:
             self.tool_names[proc.pid] = message.tools
             if self.master.metrics is not None:
                 self.master.metrics.set_tool_names(layout.lane_index(proc.slot, proc.lane), message.tools)
-            control.send(proc.channel, self._snapshot())
+            self.master.send(proc, self._snapshot())
         elif isinstance(message, control.Forward):
             if not self.master.redis.forward(message.owner, message.payload):
                 self.deliver(message.owner, message.payload)
@@ -85,7 +86,7 @@ class Bus:
     def publish(self, origin: Proc, message: control.Publish) -> None:
         def answer(seq: int, complete: bool) -> None:
             if origin.state is not State.EXITED:
-                control.send(origin.channel, control.Published(message.request_id, seq, complete))
+                self.master.send(origin, control.Published(message.request_id, seq, complete))
 
         self._publish(message.event, answer if message.wait else None)
 
@@ -108,7 +109,7 @@ class Bus:
     def deliver(self, owner: str, payload: bytes) -> None:
         target = self._owner(owner)
         if target is not None:
-            control.send(target.channel, control.Deliver(payload))
+            self.master.send(target, control.Deliver(payload))
 
     def _publish(self, payload: bytes, answer: Callable[[int, bool], None] | None, outbound: bool = True) -> None:
         seq = self.ring.publish(payload)

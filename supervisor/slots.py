@@ -44,6 +44,7 @@ class Proc:
     aborted_at: float = 0.0  # SIGABRT sent for a stalled loop (0: not sent)
     request_limit: int = 0  # recycle after this many requests (0: never)
     exit_status: str = ""
+    outbox: deque[bytes] = field(default_factory=deque)  # messages waiting for room in its channel
 
     @property
     def requests(self) -> int:
