@@ -27,7 +27,9 @@ A worker whose channel reaches end-of-file (the master died) stops as if told St
 
 from __future__ import annotations
 
+import asyncio
 import socket
+from collections import deque
 from typing import Any
 
 import msgspec
@@ -156,6 +158,49 @@ def channel() -> tuple[socket.socket, socket.socket]:
 
 def encode(message: Any) -> bytes:
     return _encoder.encode(message)
+
+
+class Sender:
+    """Sends on an asyncio loop's channel, in order, without losing what does not fit.
+
+    A SEQPACKET pair's receive queue holds only net.unix.max_dgram_qlen (10) messages: a burst while
+    the reader is busy (acknowledgements, publishes, events from other hosts) would otherwise fail with
+    EAGAIN and be lost. What does not fit waits here and leaves when the loop reports room. `send` is
+    False only when the peer is gone or has stopped reading altogether (`limit` messages waiting).
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, limit: int = 10_000) -> None:
+        self.loop = loop
+        self.sock = sock
+        self.limit = limit
+        self.waiting: deque[bytes] = deque()
+
+    def send(self, message: Any) -> bool:
+        data = _encoder.encode(message)
+        if not self.waiting:
+            try:
+                self.sock.send(data)
+                return True
+            except BlockingIOError:
+                self.loop.add_writer(self.sock.fileno(), self._drain)
+            except OSError:
+                return False
+        if len(self.waiting) >= self.limit:
+            return False
+        self.waiting.append(data)
+        return True
+
+    def _drain(self) -> None:
+        while self.waiting:
+            try:
+                self.sock.send(self.waiting[0])
+            except BlockingIOError:
+                return
+            except OSError:
+                self.waiting.clear()  # the peer is gone: its reader side notices
+                break
+            self.waiting.popleft()
+        self.loop.remove_writer(self.sock.fileno())
 
 
 def send(sock: socket.socket, message: Any, fd: int | None = None) -> bool:

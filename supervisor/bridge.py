@@ -114,6 +114,7 @@ class Bridge:
         self.health = Health(timeout)
         self.pings: deque[float] = deque()  # when each unanswered PING left (answers come in order)
         self.outbox: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+        self.sender = control.Sender(self.loop, channel)  # to the master: a burst of remote events must not be lost
 
     async def run(self) -> None:
         self.channel.setblocking(False)
@@ -167,7 +168,7 @@ class Bridge:
 
     def _pinged(self, seconds: float) -> None:
         changed = self.health.pinged(seconds)
-        control.send(self.channel, control.RedisPing(self.health.slowest_s))
+        self.sender.send(control.RedisPing(self.health.slowest_s))
         if changed is not None:
             self._state(self.subscribed and self.health.trusted, changed)
 
@@ -183,14 +184,14 @@ class Bridge:
             return
         if channel.endswith(b":events"):
             if first != self.host:  # our own events are already in our ring
-                control.send(self.channel, control.Inbound(second))
+                self.sender.send(control.Inbound(second))
         else:
-            control.send(self.channel, control.RemoteDeliver(first, second))
+            self.sender.send(control.RemoteDeliver(first, second))
 
     def _state(self, up: bool, detail: str) -> None:
         if up != self.up:
             self.up = up
-            control.send(self.channel, control.RedisState(up, detail))
+            self.sender.send(control.RedisState(up, detail))
 
     # -- master -> Redis -----------------------------------------------------------------------
     def _readable(self) -> None:
@@ -218,7 +219,7 @@ class Bridge:
             ok = await self.l2.invalidate(event.key, event.tag_, event.prefix, event.all)
             if not ok:
                 self._write_failed("deleting invalidated entries from the L2 cache failed")
-            control.send(self.channel, control.L2Done(message.request_id, ok))
+            self.sender.send(control.L2Done(message.request_id, ok))
 
     async def _publish_in_order(self) -> None:
         """The only publisher. A task per message would take a pooled connection each: a burst past the

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -32,11 +33,32 @@ CONFORMANCE = {
 }
 
 
+_ports_given: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port free now, below the kernel's ephemeral range, and never the same twice in a test session.
+
+    Below the ephemeral range, because a port the kernel handed out (bind to 0) stays in that range: a
+    process under test that opens a connection (to Redis, say) may take it as its local port before the
+    server meant to listen on it starts, in this network namespace or in another where the port was
+    never checked. Never twice, because two ports checked one after the other may be the same one.
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    rng = random.Random()
+    for _ in range(10_000):
+        port = rng.randrange(max(1024, low - 12_000), low)
+        if port in _ports_given:
+            continue
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+        _ports_given.add(port)
+        return port
+    raise RuntimeError(f"no free port below {low} on {host}")
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02,

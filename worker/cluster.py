@@ -19,7 +19,6 @@ import logging
 import socket
 import time
 from collections.abc import Callable
-from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -30,7 +29,6 @@ if TYPE_CHECKING:
     from mcpherd.worker.server import Worker
 
 log = logging.getLogger("mcpherd.worker")
-OUTBOX_MAX = 10_000  # messages waiting for room in the channel; past this the master is not reading
 
 
 class Cluster:
@@ -46,7 +44,7 @@ class Cluster:
         self.waiting: dict[int, asyncio.Future[bool]] = {}
         self.ids = itertools.count(1)
         self.on_propagation: Callable[[float], None] | None = None
-        self.outbox: deque[bytes] = deque()  # to the master, in order, once its channel has room
+        self.sender = control.Sender(self.loop, channel) if channel is not None else None
         self._set_applied(self.applied)
 
     @property
@@ -88,41 +86,12 @@ class Cluster:
 
     def handoff(self, owner: str, request: bytes, fd: int) -> bool:
         """Not queued: the caller closes its copy of the fd as soon as this returns."""
-        return self.channel is not None and not self.outbox and \
+        return self.channel is not None and self.sender is not None and not self.sender.waiting and \
             control.send(self.channel, control.Handoff(owner, request), fd)
 
     def _send(self, message: Any) -> bool:
-        """To the master, in order. The channel's queue holds only net.unix.max_dgram_qlen (10) messages,
-        so a burst (acknowledgements, publishes) while the master is busy waits here for room instead of
-        being lost; False only when the master is gone or has stopped reading altogether."""
-        if self.channel is None:
-            return False
-        data = control.encode(message)
-        if not self.outbox:
-            try:
-                self.channel.send(data)
-                return True
-            except BlockingIOError:
-                self.loop.add_writer(self.channel.fileno(), self._drain)
-            except OSError:
-                return False
-        if len(self.outbox) >= OUTBOX_MAX:
-            return False
-        self.outbox.append(data)
-        return True
-
-    def _drain(self) -> None:
-        assert self.channel is not None
-        while self.outbox:
-            try:
-                self.channel.send(self.outbox[0])
-            except BlockingIOError:
-                return
-            except OSError:
-                self.outbox.clear()  # the master is gone; the reader side notices and stops the worker
-                break
-            self.outbox.popleft()
-        self.loop.remove_writer(self.channel.fileno())
+        """To the master, in order; what does not fit in the channel waits (control.Sender)."""
+        return self.sender is not None and self.sender.send(message)
 
     # -- incoming ------------------------------------------------------------------------------
     def _readable(self) -> None:
