@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -156,24 +157,32 @@ def channel() -> tuple[socket.socket, socket.socket]:
     return master_end, worker_end
 
 
-def encode(message: Any) -> bytes:
-    return _encoder.encode(message)
-
-
 class Sender:
-    """Sends on an asyncio loop's channel, in order, without losing what does not fit.
+    """Sends on a non-blocking channel, in order, without losing what does not fit.
 
     A SEQPACKET pair's receive queue holds only net.unix.max_dgram_qlen (10) messages: a burst while
     the reader is busy (acknowledgements, publishes, events from other hosts) would otherwise fail with
-    EAGAIN and be lost. What does not fit waits here and leaves when the loop reports room. `send` is
-    False only when the peer is gone or has stopped reading altogether (`limit` messages waiting).
+    EAGAIN and be lost. What does not fit waits here; `watch(True)` asks the sender's loop to call
+    `drain` when the channel has room, `watch(False)` says nothing waits any more. `send` is False only
+    when the peer is gone or has stopped reading altogether (`limit` messages waiting).
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, limit: int = 10_000) -> None:
-        self.loop = loop
+    def __init__(self, sock: socket.socket, watch: Callable[[bool], None], limit: int = 10_000) -> None:
         self.sock = sock
+        self.watch = watch
         self.limit = limit
         self.waiting: deque[bytes] = deque()
+
+    @classmethod
+    def on_loop(cls, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> Sender:
+        """A Sender whose room is reported by an asyncio loop (a worker, the Redis bridge)."""
+        def watch(writable: bool) -> None:
+            if writable:
+                loop.add_writer(sock.fileno(), sender.drain)
+            else:
+                loop.remove_writer(sock.fileno())
+        sender = cls(sock, watch)
+        return sender
 
     def send(self, message: Any) -> bool:
         data = _encoder.encode(message)
@@ -182,7 +191,7 @@ class Sender:
                 self.sock.send(data)
                 return True
             except BlockingIOError:
-                self.loop.add_writer(self.sock.fileno(), self._drain)
+                self.watch(True)
             except OSError:
                 return False
         if len(self.waiting) >= self.limit:
@@ -190,7 +199,7 @@ class Sender:
         self.waiting.append(data)
         return True
 
-    def _drain(self) -> None:
+    def drain(self) -> None:
         while self.waiting:
             try:
                 self.sock.send(self.waiting[0])
@@ -200,7 +209,7 @@ class Sender:
                 self.waiting.clear()  # the peer is gone: its reader side notices
                 break
             self.waiting.popleft()
-        self.loop.remove_writer(self.sock.fileno())
+        self.watch(False)
 
 
 def send(sock: socket.socket, message: Any, fd: int | None = None) -> bool:

@@ -71,7 +71,7 @@ class Health:
         self.recent.append(seconds)
         late = seconds > self.timeout_s
         self.on_time = 0 if late else self.on_time + 1
-        if self.trusted and late and sum(1 for s in self.recent if s > self.timeout_s) >= SLOW_PINGS:
+        if self.trusted and late and self._late() >= SLOW_PINGS:
             return self._distrust()
         if not self.trusted and self.on_time >= ON_TIME_PINGS:
             self.trusted = True
@@ -89,9 +89,11 @@ class Health:
     def _distrust(self) -> str:
         self.trusted = False
         self.on_time = 0
-        late = sum(1 for s in self.recent if s > self.timeout_s)
-        return (f"{late} of the last {len(self.recent)} PINGs took longer than {self.timeout_s * 1000:g} ms "
-                f"(slowest {max(self.recent, default=0.0) * 1000:,.0f} ms)")
+        return (f"{self._late()} of the last {len(self.recent)} PINGs took longer than {self.timeout_s * 1000:g} ms "
+                f"(slowest {self.slowest_s * 1000:,.0f} ms)")
+
+    def _late(self) -> int:
+        return sum(1 for s in self.recent if s > self.timeout_s)
 
     @property
     def slowest_s(self) -> float:
@@ -114,7 +116,7 @@ class Bridge:
         self.health = Health(timeout)
         self.pings: deque[float] = deque()  # when each unanswered PING left (answers come in order)
         self.outbox: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
-        self.sender = control.Sender(self.loop, channel)  # to the master: a burst of remote events must not be lost
+        self.sender = control.Sender.on_loop(self.loop, channel)  # a burst of remote events must not be lost
 
     async def run(self) -> None:
         self.channel.setblocking(False)

@@ -49,7 +49,6 @@ from mcpherd.worker.server import EXIT_APP_LOAD_ERROR, WorkerConfig
 
 log = logging.getLogger("mcpherd.master")
 TICK_S = 0.1
-OUTBOX_MAX = 10_000  # messages waiting for room in a worker's channel; past this it is not reading
 ABORT_GRACE_S = 2.0  # after SIGABRT, time to print the traceback before SIGKILL
 EXIT_GAVE_UP = 3  # every slot tripped its restart intensity: let systemd decide
 
@@ -434,7 +433,8 @@ class Master:
         cell.clear()
         pid = fork_worker(launch)
         worker_end.close()
-        proc = Proc(pid, slot.index, lane, generation, slot.cpu, master_end, cell, time.monotonic(),
+        sender = control.Sender(master_end, lambda writable: self._watch_channel(proc, writable))
+        proc = Proc(pid, slot.index, lane, generation, slot.cpu, master_end, sender, cell, time.monotonic(),
                     request_limit=policy.recycle_limit(self.config.max_requests, self.config.max_requests_jitter,
                                                        self.rng))
         self.selector.register(master_end, selectors.EVENT_READ, lambda: self._channel_ready(proc))
@@ -448,41 +448,16 @@ class Master:
                             allowed_hosts=list(c.allowed_hosts), allowed_origins=list(c.allowed_origins))
 
     def send(self, proc: Proc, message: control.Message) -> bool:
-        """To a worker, in order. Its channel holds only net.unix.max_dgram_qlen (10) messages: what does
-        not fit waits in the proc's outbox for room (the selector reports it) instead of being lost;
-        False only when the worker is gone or has stopped reading altogether."""
-        data = control.encode(message)
-        if not proc.outbox:
-            try:
-                proc.channel.send(data)
-                return True
-            except BlockingIOError:
-                self._watch_channel(proc, writable=True)
-            except OSError:
-                return False
-        if len(proc.outbox) >= OUTBOX_MAX:
-            return False
-        proc.outbox.append(data)
-        return True
+        """To a worker, in order; what does not fit in its channel waits for room (control.Sender)."""
+        return proc.sender.send(message)
 
     def _channel_ready(self, proc: Proc) -> None:
-        if proc.outbox:
-            self._drain_outbox(proc)
+        if proc.sender.waiting:
+            proc.sender.drain()
         self._channel_readable(proc)
 
-    def _drain_outbox(self, proc: Proc) -> None:
-        while proc.outbox:
-            try:
-                proc.channel.send(proc.outbox[0])
-            except BlockingIOError:
-                return
-            except OSError:
-                proc.outbox.clear()  # the worker is gone; reaping it does the rest
-                break
-            proc.outbox.popleft()
-        self._watch_channel(proc, writable=False)
-
     def _watch_channel(self, proc: Proc, writable: bool) -> None:
+        """The selector reports room in the channel only while something waits to be sent."""
         events = selectors.EVENT_READ | (selectors.EVENT_WRITE if writable else 0)
         try:
             self.selector.modify(proc.channel, events, lambda: self._channel_ready(proc))

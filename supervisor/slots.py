@@ -17,7 +17,7 @@ import socket
 from collections import deque
 from dataclasses import dataclass, field
 
-from mcpherd.shared import layout
+from mcpherd.shared import control, layout
 
 
 class State(enum.Enum):
@@ -35,6 +35,7 @@ class Proc:
     generation: int
     cpu: int
     channel: socket.socket  # the master's end of the control channel
+    sender: control.Sender  # sends on `channel`, keeping what does not fit until it has room
     cell: layout.Cell
     spawned_at: float  # monotonic seconds
     state: State = State.SPAWNING
@@ -44,7 +45,6 @@ class Proc:
     aborted_at: float = 0.0  # SIGABRT sent for a stalled loop (0: not sent)
     request_limit: int = 0  # recycle after this many requests (0: never)
     exit_status: str = ""
-    outbox: deque[bytes] = field(default_factory=deque)  # messages waiting for room in its channel
 
     @property
     def requests(self) -> int:

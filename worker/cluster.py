@@ -44,7 +44,7 @@ class Cluster:
         self.waiting: dict[int, asyncio.Future[bool]] = {}
         self.ids = itertools.count(1)
         self.on_propagation: Callable[[float], None] | None = None
-        self.sender = control.Sender(self.loop, channel) if channel is not None else None
+        self.sender = control.Sender.on_loop(self.loop, channel) if channel is not None else None
         self._set_applied(self.applied)
 
     @property
