@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+from collections.abc import Callable
 
 import httptools
 import msgspec
@@ -118,9 +119,9 @@ def _flush() -> None:
     _pending.clear()
 
 
-async def serve(host: str, port: int) -> None:
+async def serve(host: str, port: int, protocol: Callable[[], asyncio.Protocol]) -> None:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(EchoConnection, host, port, backlog=2048, reuse_address=True)
+    server = await loop.create_server(protocol, host, port, backlog=2048, reuse_address=True)
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
@@ -128,13 +129,14 @@ async def serve(host: str, port: int) -> None:
         await stop.wait()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def run(description: str, protocol_for: Callable[[str, int], Callable[[], asyncio.Protocol]]) -> None:
+    """The command line of a bench server (--host, --port); serves until SIGTERM or SIGINT."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
-    uvloop.run(serve(args.host, args.port))
+    uvloop.run(serve(args.host, args.port, protocol_for(args.host, args.port)))
 
 
 if __name__ == "__main__":
-    main()
+    run(__doc__.splitlines()[0], lambda _host, _port: EchoConnection)

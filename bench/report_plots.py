@@ -41,13 +41,15 @@ def worker(doc: Doc, directory: Path, caption: str) -> str | None:
     if not medians:
         return None
     scenarios = list(medians)
-    servers = list(next(iter(medians.values())))
+    servers = list(dict.fromkeys(server for row in medians.values() for server in row))
     figure, (throughput, latency) = plt.subplots(1, 2, figsize=(10, 4))
     width = 0.8 / len(servers)
     for i, server in enumerate(servers):
         xs = [s + i * width for s in range(len(scenarios))]
-        throughput.bar(xs, [medians[sc][server]["rps"] for sc in scenarios], width, label=server)
-        latency.bar(xs, [medians[sc][server]["p99_ms"] for sc in scenarios], width, label=server)
+        # A server absent from a scenario (the floor keeps no sessions) leaves its bar out.
+        throughput.bar(xs, [medians[sc].get(server, {}).get("rps", 0) for sc in scenarios], width, label=server)
+        latency.bar(xs, [medians[sc].get(server, {}).get("p99_ms", 0) or float("nan") for sc in scenarios], width,
+                    label=server)
     for axis, label in ((throughput, "requests/s"), (latency, "p99 latency (ms, log)")):
         axis.set_xticks([s + 0.4 - width / 2 for s in range(len(scenarios))], scenarios)
         axis.set_ylabel(label)

@@ -3,8 +3,10 @@
     python bench/worker_bench.py [--seconds 8 --repeats 3 --max-repeats 6 --connections 64 --warmup 2]
 
 `tools/call` on `echo` over keep-alive connections, for protocol 2026-07-28 (stateless) and for a
-2025-11-25 session, against three single-process servers started side by side in this run:
+2025-11-25 session, against single-process servers started side by side in this run:
 - `bare`: bench/bare_server.py, a JSON-RPC echo on uvloop + httptools + msgspec (the ceiling);
+- `floor`: bench/floor_server.py, the least work a 2026-07-28 server does for this request on the
+  same stack (every check the spec asks, nothing else): how close to the ceiling MCP can get at all;
 - `mcpherd`: `python -m mcpherd serve --workers 1`, the demo app (one worker; its master idles);
 - `sdk`: bench/sdk_server.py, the official `mcp` SDK's MCPServer, stateless JSON, under uvicorn.
 
@@ -47,7 +49,9 @@ HOST = "127.0.0.1"
 PATH = "/mcp"
 ECHO_TEXT = "hello, mcpherd"
 MODERN, HANDSHAKE = "2026-07-28", "2025-11-25"
-SERVERS = ("bare", "mcpherd", "sdk")
+SERVERS = ("bare", "floor", "mcpherd", "sdk")
+# The floor (floor_server.py) answers only the stateless 2026-07-28 request: it keeps no sessions.
+SCENARIO_SERVERS = {MODERN: SERVERS, HANDSHAKE: ("bare", "mcpherd", "sdk")}
 BASE_HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
 TARGET_BARE_RATIO = 0.70  # issue 2: mcpherd req/s >= 70% of the bare ceiling's
 TARGET_P99_RATIO = 0.10  # issue 2: mcpherd p99 <= 1/10 of the SDK server's
@@ -275,8 +279,8 @@ def machine() -> dict[str, Any]:
 
 def medians(samples: list[Sample]) -> dict[str, dict[str, dict[str, float]]]:
     table: dict[str, dict[str, dict[str, float]]] = {}
-    for scenario in (MODERN, HANDSHAKE):
-        for server in SERVERS:
+    for scenario, servers in SCENARIO_SERVERS.items():
+        for server in servers:
             mine = [s for s in samples if s.scenario == scenario and s.server == server]
             table.setdefault(scenario, {})[server] = {
                 key: statistics.median(getattr(s, key) for s in mine)
@@ -293,6 +297,9 @@ def ratios(table: dict[str, dict[str, dict[str, float]]]) -> dict[str, dict[str,
         out[scenario] = {"mcpherd_over_bare": of_bare, "mcpherd_over_sdk": ours["rps"] / sdk["rps"],
                          "p99_mcpherd_over_sdk": p99,
                          "meets_target": of_bare >= TARGET_BARE_RATIO and p99 <= TARGET_P99_RATIO}
+        if "floor" in row:
+            out[scenario]["floor_over_bare"] = row["floor"]["rps"] / bare["rps"]
+            out[scenario]["mcpherd_over_floor"] = ours["rps"] / row["floor"]["rps"]
     return out
 
 
@@ -307,10 +314,13 @@ def print_table(table: dict[str, dict[str, dict[str, float]]], ratio: dict[str, 
         for server, m in row.items():
             print(f"{scenario:<12}{server:<9}{m['rps']:>10,.0f}{m['p50_ms']:>9.2f}{m['p99_ms']:>9.2f}"
                   f"{m['cpu_us_per_request']:>12.1f}{m['server_busy']:>12.0%}{m['other_load']:>12.0%}")
-    print(f"\n{'protocol':<12}{'mcpherd/bare':>14}{'mcpherd/sdk':>13}{'p99 mcpherd/sdk':>17}  target")
+    print(f"\n{'protocol':<12}{'mcpherd/bare':>14}{'mcpherd/sdk':>13}{'p99 mcpherd/sdk':>17}{'floor/bare':>12}"
+          f"{'mcpherd/floor':>15}  target")
     for scenario, r in ratio.items():
+        floor = (f"{r['floor_over_bare']:>12.0%}{r['mcpherd_over_floor']:>15.0%}" if "floor_over_bare" in r
+                 else f"{'-':>12}{'-':>15}")
         print(f"{scenario:<12}{r['mcpherd_over_bare']:>13.0%} {r['mcpherd_over_sdk']:>11.1f}x"
-              f"{r['p99_mcpherd_over_sdk']:>17.3f}  {'met' if r['meets_target'] else 'NOT met'}")
+              f"{r['p99_mcpherd_over_sdk']:>17.3f}{floor}  {'met' if r['meets_target'] else 'NOT met'}")
     print(f"(target: mcpherd/bare >= {TARGET_BARE_RATIO:.0%} and p99 mcpherd/sdk <= {TARGET_P99_RATIO})")
 
 
@@ -318,7 +328,7 @@ def print_table(table: dict[str, dict[str, dict[str, float]]], ratio: dict[str, 
 def prepare(ports: dict[str, int]) -> dict[str, dict[str, Wire]]:
     """Per scenario, per server: the request wrk repeats, checked once to echo correctly."""
     session = open_session(ports["mcpherd"])
-    wires = {MODERN: {s: modern_wire() for s in SERVERS},
+    wires = {MODERN: {s: modern_wire() for s in SCENARIO_SERVERS[MODERN]},
              HANDSHAKE: {"bare": handshake_wire(session), "mcpherd": handshake_wire(session),
                          "sdk": handshake_wire(None)}}
     for scenario in wires.values():
@@ -389,14 +399,15 @@ def main() -> int:
         samples = measure(args, Path(tmp))
     quiet = [s for s in samples if s.quiet]
     table = medians(quiet or samples)
-    config["used_repeats"] = len(quiet or samples) // (len(SERVERS) * 2)
+    per_repeat = sum(map(len, SCENARIO_SERVERS.values()))
+    config["used_repeats"] = len(quiet or samples) // per_repeat
     ratio = ratios(table)
     print_table(table, ratio, info, config)
     for s in samples:
         if s.errors:
             print(f"warning: {s.server} {s.scenario} repeat {s.repeat + 1} had errors {s.errors}", file=sys.stderr)
-    if len(quiet) < args.repeats * len(SERVERS) * 2:
-        print(f"warning: only {len(quiet) // (len(SERVERS) * 2)} quiet repeats of {args.repeats}: the machine was "
+    if len(quiet) < args.repeats * per_repeat:
+        print(f"warning: only {len(quiet) // per_repeat} quiet repeats of {args.repeats}: the machine was "
               f"busy with other work; {'medians of the quiet ones' if quiet else 'these figures are not worth quoting'}",
               file=sys.stderr)
     args.results.mkdir(parents=True, exist_ok=True)

@@ -143,7 +143,7 @@ class Call:
         """The handler finished synchronously: a plain JSON response, no stream ever opened."""
         self.finished = True
         self.record(True)
-        return Response.json(200, self._result_bytes(result), self.endpoint.response_headers(self))
+        return Response(200, self._result_bytes(result), "application/json", self.endpoint.response_headers(self))
 
     def pending_response(self, task: asyncio.Future[Any]) -> asyncio.Future[ResponseLike]:
         """The handler suspended: the answer comes later. Only now is it in flight (the gauge): a call

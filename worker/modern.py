@@ -73,10 +73,10 @@ class ModernEndpoint:
     def handle(self, request: Request, header_version: str) -> ResponseLike | Awaitable[ResponseLike]:
         if request.method != "POST":
             return Response(405, b"", None, [("allow", "POST")])
-        wants_json, wants_sse = accepts(request)
+        wants_json, wants_sse = accepts(request.headers.get("accept", ""))
         if not wants_json:
             return rpc_error(406, rpc.INVALID_REQUEST, "Not Acceptable: Client must accept application/json")
-        if not is_json(request):
+        if not is_json(request.headers.get("content-type", "")):
             return rpc_error(415, rpc.INVALID_REQUEST, "Unsupported Media Type: Content-Type must be application/json")
         try:
             message = rpc.decode_body(request.body)

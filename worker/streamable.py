@@ -42,20 +42,12 @@ def rpc_error(status: int, code: int, message: str, request_id: Any = None, data
     return Response.json(status, rpc.error(request_id, code, message, data))
 
 
-def accepts(request: Request) -> tuple[bool, bool]:
-    """(json, sse) acceptable, with wildcards (RFC 9110 12.5.1)."""
-    return _accepted_kinds(request.headers.get("accept", ""))
-
-
-def is_json(request: Request) -> bool:
-    """Content-Type is application/json (any parameters, any case)."""
-    return _is_json_type(request.headers.get("content-type", ""))
-
-
 # Header value -> answer. A client sends the same values on every request, so each is parsed once;
-# the bound keeps a client that varies them from growing the caches.
+# the bound keeps a client that varies them from growing the caches. Callers pass the header value
+# (`request.headers.get("accept", "")`): one Python call per check on the hot path, not two.
 @functools.lru_cache(maxsize=256)
-def _accepted_kinds(accept: str) -> tuple[bool, bool]:
+def accepts(accept: str) -> tuple[bool, bool]:
+    """(json, sse) acceptable for this Accept value, with wildcards (RFC 9110 12.5.1)."""
     kinds = {part.split(";", 1)[0].strip().lower() for part in accept.split(",")}
     wildcard = "*/*" in kinds
     return (wildcard or "application/json" in kinds or "application/*" in kinds,
@@ -63,7 +55,8 @@ def _accepted_kinds(accept: str) -> tuple[bool, bool]:
 
 
 @functools.lru_cache(maxsize=256)
-def _is_json_type(content_type: str) -> bool:
+def is_json(content_type: str) -> bool:
+    """Content-Type is application/json (any parameters, any case)."""
     return content_type.lower().startswith("application/json")
 
 
@@ -112,11 +105,11 @@ class Endpoint:
 
     # -- POST (handshake era) ------------------------------------------------------------------
     def _post(self, request: Request, version: str | None) -> ResponseLike | Awaitable[ResponseLike]:
-        wants_json, wants_sse = accepts(request)
+        wants_json, wants_sse = accepts(request.headers.get("accept", ""))
         if not (wants_json and wants_sse):
             return rpc_error(406, rpc.INVALID_REQUEST,
                              "Not Acceptable: Client must accept both application/json and text/event-stream")
-        if not is_json(request):
+        if not is_json(request.headers.get("content-type", "")):
             return rpc_error(415, rpc.INVALID_REQUEST, "Unsupported Media Type: Content-Type must be application/json")
         try:
             decoded = rpc.decode_body(request.body)
@@ -283,7 +276,7 @@ class Endpoint:
 
     # -- GET: the session's stream for server-initiated messages, or a resumption ---------------
     def _get(self, request: Request, version: str | None) -> ResponseLike:
-        if not accepts(request)[1]:
+        if not accepts(request.headers.get("accept", ""))[1]:
             return rpc_error(406, rpc.INVALID_REQUEST, "Not Acceptable: Client must accept text/event-stream")
         session_or_error = self._session_for(request, version)
         if isinstance(session_or_error, Response):
