@@ -160,9 +160,10 @@ def channel() -> tuple[socket.socket, socket.socket]:
 class Sender:
     """Sends on a non-blocking channel, in order, without losing what does not fit.
 
-    A SEQPACKET pair's receive queue holds only net.unix.max_dgram_qlen (10) messages: a burst while
-    the reader is busy (acknowledgements, publishes, events from other hosts) would otherwise fail with
-    EAGAIN and be lost. What does not fit waits here; `watch(True)` asks the sender's loop to call
+    A SEQPACKET pair holds what fits in the sender's send buffer (net.core.wmem_default, 208 KiB), and
+    every message is charged its kernel overhead too (~760 bytes): a few hundred small messages (278 of
+    40 bytes here). A burst while the reader is busy or descheduled (acknowledgements, publishes, events
+    from other hosts) would otherwise fail with EAGAIN and be lost. What does not fit waits here; `watch(True)` asks the sender's loop to call
     `drain` when the channel has room, `watch(False)` says nothing waits any more. `send` is False only
     when the peer is gone or has stopped reading altogether (`limit` messages waiting).
     """

@@ -8,8 +8,8 @@ event with a cold cache, and one that exits stops counting; one that never answe
 heartbeat check will kill it) is given up on after ACK_TIMEOUT_S, and the publisher is told.
 
 Wakes are coalesced: one per worker per loop turn, for the newest sequence (a worker reads the ring
-up to the newest entry whatever the Wake says). A control channel is a SEQPACKET pair whose receive
-queue holds only net.unix.max_dgram_qlen (10) messages: a Wake per event per worker filled it during
+up to the newest entry whatever the Wake says). A control channel is a SEQPACKET pair that holds a few
+hundred small messages (its send buffer, see control.Sender): a Wake per event per worker filled it during
 bursts of invalidations, and the message that did not fit next was as likely a Published answer,
 leaving its publisher waiting. A Wake that still did not fit is sent again while the worker is behind;
 every other message to a worker goes through `Master.send`, which queues what does not fit.

@@ -37,6 +37,8 @@ class RedisLink:
         self.config = master.config.redis
         self.pid = 0
         self.channel: Any = None
+        self.sender: control.Sender | None = None  # to the bridge, in order; waits while the channel is full
+        self.killed = 0  # the bridge pid last killed for not reading its channel
         self.up = False
         self.was_down = False
         self.ping_s: float | None = None  # the slowest recent PING, once the bridge measured one
@@ -59,7 +61,8 @@ class RedisLink:
         self.pid = fork_bridge(bridge_end, frozenset(_log_fds()), run)
         bridge_end.close()
         self.channel = master_end
-        self.master.selector.register(master_end, selectors.EVENT_READ, self._readable)
+        self.sender = control.Sender(master_end, self._watch)
+        self.master.selector.register(master_end, selectors.EVENT_READ, self._ready)
         log.info("redis bridge %d started (host id %s)", self.pid, self.host)
 
     def tick(self, now: float) -> None:
@@ -80,23 +83,59 @@ class RedisLink:
         return True
 
     def stop(self) -> None:
-        if self.pid and self.channel is not None and not control.send(self.channel, control.Stop()):
-            try:
-                os.kill(self.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+        if self.pid and (self.sender is None or not self.sender.send(control.Stop())):
+            self._signal(signal.SIGTERM)  # no channel to ask through: the signal asks instead
+
+    def _signal(self, signum: int) -> None:
+        try:
+            os.kill(self.pid, signum)
+        except ProcessLookupError:
+            pass
 
     # -- outgoing ------------------------------------------------------------------------------
+    # The channel holds a few hundred small messages (control.Sender): a burst while the bridge is
+    # descheduled would lose the rest, and a lost Outbound is an invalidation other hosts never see.
+    # What does not fit waits in `sender` and leaves, in order, when the selector reports room.
+    def _send(self, message: control.Message) -> bool:
+        if self.sender is None:
+            return False
+        if self.sender.send(message):
+            return True
+        self._hung(type(message).__name__)
+        return False
+
+    def _watch(self, writable: bool) -> None:
+        """The selector reports room in the channel only while something waits to be sent."""
+        mask = selectors.EVENT_READ | (selectors.EVENT_WRITE if writable else 0)
+        try:
+            self.master.selector.modify(self.channel, mask, self._ready)
+        except (KeyError, ValueError):  # unregistered: the channel is closing
+            pass
+
+    def _ready(self) -> None:
+        if self.sender is not None and self.sender.waiting:
+            self.sender.drain()
+        self._readable()
+
     def outbound(self, payload: bytes) -> None:
-        if self.channel is not None:
-            control.send(self.channel, control.Outbound(payload))
+        self._send(control.Outbound(payload))
+
+    def _hung(self, what: str) -> None:
+        """The bridge stopped reading (thousands of messages wait) or its channel broke: what was meant for
+        Redis and the other hosts is lost. Restart it, as a hung worker is: its return ends an outage, so
+        every host's cache is dropped (the resynchronisation) and nothing stale survives the loss."""
+        if self.pid and self.killed != self.pid:  # once: every later send fails the same way until reaped
+            self.killed = self.pid
+            log.error("redis bridge %d is not reading its channel or is gone (%s could not be queued); killing it",
+                      self.pid, what)
+            self._signal(signal.SIGKILL)
 
     def forward(self, owner: str, payload: bytes) -> bool:
         """An answer for a process on another host (its tag starts with that host's id)."""
         host = owner[:8]
         if self.channel is None or host == self.host:
             return False
-        return control.send(self.channel, control.RemoteForward(host, owner, payload))
+        return self._send(control.RemoteForward(host, owner, payload))
 
     def invalidate_l2(self, event: events.Invalidate, answer: Callable[[bool], None]) -> None:
         """Delete the shared L2 entries first, so no host refills its L1 from them afterwards.
@@ -109,7 +148,7 @@ class RedisLink:
             return
         request_id = next(self.ids)
         self.l2_waiters[request_id] = answer
-        if not control.send(self.channel, control.L2Invalidate(request_id, events.encode(event))):
+        if not self._send(control.L2Invalidate(request_id, events.encode(event))):
             self.l2_waiters.pop(request_id)(False)
 
     # -- incoming ------------------------------------------------------------------------------
@@ -183,3 +222,4 @@ class RedisLink:
                 pass
             self.channel.close()
             self.channel = None
+            self.sender = None  # what waited for the bridge is lost with it: its return resynchronises

@@ -17,7 +17,9 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
@@ -33,6 +35,7 @@ import pytest
 from conftest import (
     WATCHED,
     Cluster,
+    Event,
     RawHttp,
     RedisServer,
     Spawner,
@@ -319,15 +322,21 @@ def test_a_get_stream_dropped_on_a_resumes_through_b_and_follows_it(hosts: Hosts
     stream_b.close()
 
 @pytest.mark.timeout(120)
-def test_a_burst_of_events_raised_on_a_reaches_b_complete_and_in_order(hosts: Hosts) -> None:
-    """320 list changes raised at once by 8 clients of A: a GET stream held on B receives exactly the
-    sequence one held on A receives (the order A raised them in)."""
+def _streams_on_a_and_b(hosts: Hosts) -> list[Iterator[Event]]:
+    """A GET stream held on A and one held on B, of two sessions made on A, each past its priming event."""
     streams = []
     for url in (hosts.a.url, hosts.b.url):
         with RawHttp(hosts.a.url) as on_a:
             session = initialize(on_a)
         streams.append(open_stream(RawHttp(url), "GET", stream_headers(session)))
         next(streams[-1])  # priming
+    return streams
+
+
+def test_a_burst_of_events_raised_on_a_reaches_b_complete_and_in_order(hosts: Hosts) -> None:
+    """320 list changes raised at once by 8 clients of A: a GET stream held on B receives exactly the
+    sequence one held on A receives (the order A raised them in)."""
+    streams = _streams_on_a_and_b(hosts)
     failures: list[str] = []
 
     def fire(n: int) -> None:
@@ -346,6 +355,32 @@ def test_a_burst_of_events_raised_on_a_reaches_b_complete_and_in_order(hosts: Ho
     on_a, on_b = ([next_message(events)[1]["method"] for _ in range(320)] for events in streams)
     assert sorted(set(on_a)) == ["notifications/prompts/list_changed", "notifications/tools/list_changed"]
     assert on_b == on_a
+
+
+EVENTS_WHILE_STOPPED = 600
+
+
+def test_events_raised_while_the_bridge_is_stopped_wait_for_it_and_reach_b_in_order(hosts: Hosts) -> None:
+    """The master's channel to its Redis bridge holds a few hundred small messages (its send buffer:
+    278 of 40 bytes on this kernel's defaults). 600 list changes raised on A while A's bridge is stopped
+    (SIGSTOP: descheduled, as on a loaded machine) wait in A's master and reach a GET stream held on B,
+    complete and in A's order, once the bridge runs again."""
+    streams = _streams_on_a_and_b(hosts)
+    bridge = int(re.findall(r"redis bridge (\d+) started", hosts.a.process.output())[-1])
+    os.kill(bridge, signal.SIGSTOP)
+    try:
+        with RawHttp(hosts.a.url) as http:
+            for i in range(EVENTS_WHILE_STOPPED):
+                tool = ("test_trigger_tool_change", "test_trigger_prompt_change")[i % 2]
+                assert modern_call(http, "tools/call", {"name": tool, "arguments": {}}, i + 1).status == 200
+    finally:
+        os.kill(bridge, signal.SIGCONT)
+    on_a, on_b = ([next_message(events)[1]["method"] for _ in range(EVENTS_WHILE_STOPPED)] for events in streams)
+    alternating = ["notifications/tools/list_changed", "notifications/prompts/list_changed"]
+    assert on_a == alternating * (EVENTS_WHILE_STOPPED // 2)
+    assert on_b == on_a
+    assert f"redis bridge {bridge} is not reading" not in hosts.a.process.output()
+
 
 def _partition(namespaces: Namespaces, cut: bool) -> None:
     """Drop every packet between host A and Redis, both ways (a blackhole route on each side), or stop."""

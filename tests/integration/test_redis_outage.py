@@ -11,7 +11,10 @@ until Redis returns; then B must drop its caches and compute it again, well befo
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -169,6 +172,57 @@ def test_redis_frozen_under_load_and_thawed(pair: Pair) -> None:
         outage(pair, redis.pause, lambda: redis.pause(False))
     finally:
         redis.pause(False)  # never leave a stopped process behind
+
+
+QUEUED_FOR_THE_BRIDGE = 10_000  # what a master holds for a bridge that does not read (control.Sender's limit)
+
+
+@pytest.mark.timeout(180)
+def test_a_bridge_that_stops_reading_is_killed_and_its_return_resynchronises_the_hosts(pair: Pair) -> None:
+    """A's bridge is stopped (SIGSTOP: hung) while A raises more events than its master holds for it:
+    the channel's few hundred, then the master's queue. Events for B are being lost, so A's master kills
+    the bridge (one ERROR line), starts another, and counts it as an outage: when the new bridge is up,
+    every host drops its caches. B then recomputes the forecast A invalidated while the bridge hung (that
+    event was lost with the queue). Every call on A meanwhile succeeds."""
+    city = f"Oslo-{uuid.uuid4().hex[:8]}"
+    held = connect_to_workers(pair.b.url, pair.b.worker_pids())
+    cached = {pid: forecast(http, city) for pid, http in held.items()}
+    hung = int(re.findall(r"redis bridge (\d+) started", pair.a.process.output())[-1])
+    failures: list[str] = []
+
+    def raise_events(n: int, count: int) -> None:
+        with RawHttp(pair.a.url) as http:
+            for i in range(count):
+                tool = ("test_trigger_tool_change", "test_trigger_prompt_change")[i % 2]
+                reply = modern_call(http, "tools/call", {"name": tool, "arguments": {}}, i + 1)
+                if reply.status != 200:
+                    failures.append(f"{tool}: {reply.status} {reply.body[:200]!r}")
+    os.kill(hung, signal.SIGSTOP)
+    try:
+        with RawHttp(pair.a.url) as on_a:
+            reply = modern_call(on_a, "tools/call", {"name": "refresh_weather", "arguments": {"city": city}})
+            assert tool_text(reply.json()["result"]) == f"forecasts invalidated: {city}"
+        threads = [threading.Thread(target=raise_events, args=(n, QUEUED_FOR_THE_BRIDGE // 8 + 100)) for n in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        assert failures == []
+        wait_until(lambda: f"redis bridge {hung} exited" in pair.a.process.output(), 10.0, 0.05,
+                   "the hung bridge to be killed")
+    finally:
+        try:
+            os.kill(hung, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    wait_redis_up(pair.a)
+    for pid, http in held.items():
+        wait_until(lambda http=http, pid=pid: forecast(http, city) != cached[pid], 10.0, 0.05,
+                   f"worker {pid} of B to resynchronise")
+        http.close()
+    killed = [line for line in pair.a.process.output().splitlines() if "is not reading its channel" in line]
+    assert len(killed) == 1 and f"redis bridge {hung} " in killed[0] and " ERROR " in killed[0] \
+        and "(Outbound could not be queued)" in killed[0], killed
 
 
 @pytest.mark.timeout(120)
