@@ -88,6 +88,9 @@ class Publish(msgspec.Struct, tag=True):
     request_id: int
     event: bytes  # an encoded mcpherd.shared.events event
     wait: bool = True
+    # An Invalidate whose shared L2 entries the worker could not delete (Redis error, its back-off): the
+    # master has them deleted through its bridge before anyone is told, as for its own invalidations.
+    l2: bool = False
 
 
 class Forward(msgspec.Struct, tag=True):

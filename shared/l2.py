@@ -25,9 +25,17 @@ BACKOFF_MAX_S = 15.0
 
 
 class L2Cache:
-    def __init__(self, url: str, prefix: str, timeout: float, connect_timeout: float, max_entry_bytes: int) -> None:
-        self.client = aioredis.from_url(url, socket_timeout=timeout, socket_connect_timeout=connect_timeout,
-                                        health_check_interval=0, retry_on_timeout=False)
+    def __init__(self, url: str, prefix: str, timeout: float, connect_timeout: float, max_entry_bytes: int,
+                 max_connections: int = 32, name: str = "mcpherd") -> None:
+        # A bounded pool that makes a burst wait for a connection (at most `timeout`): a worker answering
+        # hundreds of cache misses in one loop turn would otherwise open a connection per miss, N workers
+        # times H hosts of them, and past the pool's limit each one fails and sends the worker into its
+        # back-off. `name` shows in CLIENT LIST, so an operator can tell which process holds what.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=max_connections, timeout=timeout, socket_timeout=timeout,
+            socket_connect_timeout=connect_timeout, health_check_interval=0, retry_on_timeout=False,
+            client_name=name)
+        self.client = aioredis.Redis.from_pool(pool)
         self.prefix = prefix
         self.timeout = timeout
         self.max_entry_bytes = max_entry_bytes

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import socket
 import time
@@ -106,9 +107,12 @@ class Bridge:
         self.channel = channel
         self.host = host
         self.prefix = prefix
-        self.client = aioredis.from_url(url, socket_timeout=None, socket_connect_timeout=connect_timeout)
-        self.publisher = aioredis.from_url(url, socket_timeout=timeout, socket_connect_timeout=connect_timeout)
-        self.l2 = L2Cache(url, prefix, timeout, connect_timeout, max_entry_bytes)
+        name = f"mcpherd-bridge-{host}-{os.getpid()}"  # in CLIENT LIST, with the role of each connection
+        self.client = aioredis.from_url(url, socket_timeout=None, socket_connect_timeout=connect_timeout,
+                                        client_name=f"{name}-subscriber")
+        self.publisher = aioredis.from_url(url, socket_timeout=timeout, socket_connect_timeout=connect_timeout,
+                                           client_name=f"{name}-publisher")
+        self.l2 = L2Cache(url, prefix, timeout, connect_timeout, max_entry_bytes, name=f"{name}-l2")
         self.loop = asyncio.get_running_loop()
         self.stopping = asyncio.Event()
         self.up: bool | None = None
@@ -258,8 +262,6 @@ def run(channel: socket.socket, url: str, prefix: str, host: str, timeout: float
 
 def agree_on_secret(url: str, prefix: str, connect_timeout: float) -> bytes | None:
     """The cluster secret every host shares: the first host to start sets it, the others read it."""
-    import os
-
     import redis
 
     client = redis.Redis.from_url(url, socket_timeout=connect_timeout, socket_connect_timeout=connect_timeout)

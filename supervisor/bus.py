@@ -88,11 +88,18 @@ class Bus:
             if origin.state is not State.EXITED:
                 self.master.send(origin, control.Published(message.request_id, seq, complete))
 
-        self._publish(message.event, answer if message.wait else None)
+        if message.l2:  # the worker's own delete of the shared entries failed
+            self._after_l2(events.decode(message.event), message.event, answer if message.wait else None)
+        else:
+            self._publish(message.event, answer if message.wait else None)
 
     def publish_from_master(self, event: Any, answer: Callable[[int, bool], None]) -> None:
         """An event the master itself raises (admin `invalidate`): shared L2 entries go first."""
-        payload = events.encode(event)
+        self._after_l2(event, events.encode(event), answer)
+
+    def _after_l2(self, event: Any, payload: bytes, answer: Callable[[int, bool], None] | None) -> None:
+        """Publish an Invalidate once the bridge deleted its shared L2 entries. If it could not, the host
+        stops relying on Redis (bridge.py) and resynchronises later; the event goes out either way."""
         if isinstance(event, events.Invalidate) and self.master.redis.enabled:
             self.master.redis.invalidate_l2(event, lambda _ok: self._publish(payload, answer))
         else:

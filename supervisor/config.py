@@ -85,12 +85,17 @@ class Redis(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     socket_timeout: float = 0.25  # a slow Redis must never slow a tool call down by more than this
     connect_timeout: float = 1.0
     max_entry_bytes: int = 1024 * 1024  # larger results stay in L1 only
+    # Per process (each worker, the bridge): more concurrent cache reads wait for one of these. 16 workers
+    # on 10 hosts stay at ~5,000 connections, half of Redis's default maxclients.
+    max_connections: int = 32
 
     def __post_init__(self) -> None:
         if self.url and not self.url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("redis.url must start with redis://, rediss:// or unix://")
         if self.socket_timeout <= 0 or self.connect_timeout <= 0 or self.max_entry_bytes <= 0:
             raise ValueError("redis timeouts and max_entry_bytes must be positive")
+        if self.max_connections < 1:
+            raise ValueError("redis.max_connections must be at least 1")
 
 
 class Autoscale(AutoscalePolicy, frozen=True, kw_only=True):

@@ -59,8 +59,9 @@ class Cluster:
         self._send(control.Hello(tool_names))
 
     # -- outgoing ------------------------------------------------------------------------------
-    def publish(self, event: Any, wait: bool = True) -> asyncio.Future[bool]:
-        """Publish to every worker (this one included); resolves once all applied it."""
+    def publish(self, event: Any, wait: bool = True, l2: bool = False) -> asyncio.Future[bool]:
+        """Publish to every worker (this one included); resolves once all applied it. `l2`: an Invalidate
+        whose shared L2 entries this worker could not delete (the master has them deleted first)."""
         done: asyncio.Future[bool] = self.loop.create_future()
         if self.standalone:
             self.apply(event, 0)
@@ -68,7 +69,7 @@ class Cluster:
             return done
         request_id = next(self.ids)
         assert self.channel is not None
-        if not self._send(control.Publish(request_id, events.encode(event), wait)):
+        if not self._send(control.Publish(request_id, events.encode(event), wait, l2)):
             self.apply(event, 0)  # the master is gone: at least this worker stays correct
             done.set_result(False)
             return done

@@ -96,9 +96,11 @@ class Runtime:
         event = events.Invalidate(key, tag, prefix, all)
 
         async def publish() -> bool:
-            if self.l2 is not None:  # shared entries first, or a worker could refill its L1 from them
-                await self.l2.invalidate(key, tag, prefix, all)
-            return await self.cluster.publish(event)
+            # Shared entries first, or a worker (of any host) could refill its L1 from them. The direct
+            # delete is the fast way; when it fails the master's bridge must do it, or the stale entry
+            # stays in L2 for every host until its TTL.
+            deleted = self.l2 is None or await self.l2.invalidate(key, tag, prefix, all)
+            return await self.cluster.publish(event, l2=not deleted)
 
         loop = self.cluster.loop
         try:
@@ -134,9 +136,10 @@ class Worker:
         bind_hosts = [s.getsockname()[0] for s in sockets]
         self.cache = ResultCache(cell=cell)
         redis = config.redis
-        self.l2 = L2Cache(redis.url, redis.key_prefix, redis.socket_timeout, redis.connect_timeout,
-                          redis.max_entry_bytes) if redis is not None and redis.url else None
         tag = f"{config.host}w{config.slot}{'ab'[config.lane]}"
+        self.l2 = L2Cache(redis.url, redis.key_prefix, redis.socket_timeout, redis.connect_timeout,
+                          redis.max_entry_bytes, redis.max_connections, f"mcpherd-worker-{tag}-{os.getpid()}") \
+            if redis is not None and redis.url else None
         self.endpoint = Endpoint(
             Methods(app, Invoker(self.loop, config.tool_threads), config.secret, cache=self.cache, l2=self.l2),
             SessionStore(config.secret, tag, idle_timeout=config.session_idle_timeout),

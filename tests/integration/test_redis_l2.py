@@ -28,7 +28,11 @@ from conftest import (
     RedisServer,
     Spawner,
     connect_to_workers,
+    metric_value,
     modern_call,
+    modern_headers,
+    modern_meta,
+    rpc_body,
     start_cluster_at,
     tool_text,
     wait_redis_up,
@@ -140,6 +144,71 @@ def test_key_tag_and_prefix_invalidations_delete_the_shared_entries(shared: Shar
         # Nothing was refilled from a stale L2 entry: A computes every forecast again.
         assert all(weather(on_a, city) != first[name] for name, city in cities.items())
         assert all(weather(on_b, city) != first[name] for name, city in cities.items())
+
+
+BURST = 300
+POOL = 32  # redis.max_connections, the default
+
+
+@pytest.mark.timeout(90)
+def test_a_burst_of_cache_misses_waits_for_pooled_connections_and_fails_none(shared: Shared) -> None:
+    """300 `weather` calls for 300 new cities, pipelined on one connection: A's worker starts 300 L2 reads
+    in one loop turn. They wait for the worker's 32 pooled connections: every call is answered with a
+    computed forecast, every result reaches L2, no L2 operation fails (a failure sends the worker into its
+    back-off, and is logged), and the worker never holds more than 32 connections to Redis."""
+    cities = [unique(f"Burst{i}") for i in range(BURST)]
+    [pid] = shared.a.worker_pids()
+    before = len(shared.a.process.output())
+    with RawHttp(shared.a.url) as http:
+        http.send(b"".join(
+            http.build("POST", modern_headers("tools/call", "weather"),
+                       rpc_body("tools/call", {"name": "weather", "arguments": {"city": city}, "_meta": modern_meta()},
+                                i))
+            for i, city in enumerate(cities)))
+        replies = [http.read_reply() for _ in cities]
+    assert [r.status for r in replies] == [200] * BURST
+    assert [r.json()["id"] for r in replies] == list(range(BURST))
+    assert all(r.json()["result"]["structuredContent"]["city"] == city for r, city in zip(replies, cities))
+    wait_until(lambda: all(stored(shared, city) is not None for city in cities), 10.0, 0.05,
+               "every forecast to reach L2")
+    workers = [c for c in shared.store.client_list() if c["name"].startswith("mcpherd-worker-")
+               and c["name"].endswith(f"-{pid}")]
+    assert 1 <= len(workers) <= POOL, [c["name"] for c in workers]
+    assert "L2 cache unreachable" not in shared.a.process.output()[before:]
+
+
+@pytest.mark.timeout(90)
+def test_an_invalidation_whose_l2_delete_failed_on_the_worker_is_deleted_by_the_bridge(shared: Shared) -> None:
+    """A's worker cannot reach Redis (its connections killed, no new one admitted), while A's bridge and
+    B's workers keep theirs. Its `refresh_weather` still works: the master has the bridge delete the shared
+    entry before it publishes, so B, told to drop its copy, computes the forecast again instead of reading
+    the stale one back from L2 (it would serve that until the TTL). Nothing was lost, so A goes on relying
+    on Redis: no warning, mcpherd_redis_up stays 1."""
+    city = unique("Lima")
+    before = len(shared.a.process.output())
+    with RawHttp(shared.b.url) as on_b:
+        first = weather(on_b, city)
+        assert stored(shared, city)["structuredContent"]["computed_at"] == first
+        # The bridge's own L2 connection exists before the door closes (an admin invalidation opens it).
+        assert shared.a.admin("invalidate", key=unique("nothing"))["acknowledged"] is True
+        [pid] = shared.a.worker_pids()
+        admitted = shared.store.config_get("maxclients")["maxclients"]
+        try:
+            for client in shared.store.client_list():
+                if client["name"].startswith("mcpherd-worker-") and client["name"].endswith(f"-{pid}"):
+                    shared.store.client_kill_filter(_id=client["id"])
+            shared.store.config_set("maxclients", len(shared.store.client_list()))
+            with RawHttp(shared.a.url) as on_a:
+                reply = modern_call(on_a, "tools/call", {"name": "refresh_weather", "arguments": {"city": city}})
+                assert tool_text(reply.json()["result"]) == f"forecasts invalidated: {city}"
+            assert stored(shared, city) is None
+            wait_until(lambda: weather(on_b, city) != first, 10.0, 0.05, "B to compute the forecast again")
+        finally:
+            shared.store.config_set("maxclients", admitted)
+    since = shared.a.process.output()[before:]
+    assert "L2 cache unreachable from this worker" in since  # the worker's own delete did fail
+    assert metric_value(shared.a.scrape(), "mcpherd_redis_up") == 1.0
+    assert [line for line in since.splitlines() if " WARNING " in line or " ERROR " in line] == []
 
 
 @pytest.mark.timeout(90)
