@@ -25,7 +25,7 @@ from mcpherd.shared import control, events, layout
 from mcpherd.worker.app import App
 from mcpherd.shared.l2 import L2Cache
 from mcpherd.worker.cache import ResultCache
-from mcpherd.worker.stream_mirror import StreamMirror
+from mcpherd.worker.stream_mirror import StreamMirror, reader_for
 from mcpherd.worker.cluster import Cluster
 from mcpherd.shared.metrics import Recorder
 from mcpherd.shared.netstat import accept_queue_length
@@ -148,7 +148,9 @@ class Worker:
             config.path,
         )
         if self.l2 is not None:
-            self.endpoint.sessions.mirror = StreamMirror(self.l2.client, redis.key_prefix)
+            self.endpoint.sessions.mirror = StreamMirror(
+                self.l2.client, redis.key_prefix,
+                reader_for(redis.url, redis.connect_timeout, f"mcpherd-worker-{tag}-{os.getpid()}-streams"))
         self.cluster = Cluster(self, channel, segment, tag)
         self.endpoint.cluster = self.cluster
         self.recorder = Recorder(cell, list(app.tools)) if cell is not None and config.metrics else None

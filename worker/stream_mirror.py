@@ -7,6 +7,10 @@ cheaper; this path is only for a stream whose owner is on another host (or gone)
 `<prefix>stream:<hash of the session token>:<stream id>`, so a stream can only be read with the
 session that owns it; each is capped (MAXLEN ~1024, like the in-memory log) and expires an hour
 after its last event. Appends are fire-and-forget: a slow or absent Redis never delays an event.
+
+A replay follows its stream with XREAD BLOCK, which holds a connection and waits up to BLOCK_MS: it
+reads on clients of its own (`reader`), whose timeout is past the block, and not on the L2 cache's
+pool, whose 0.25 s timeout would end every quiet stream a quarter of a second after it went quiet.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import hashlib
 import logging
 from typing import Any
 
+import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from mcpherd.worker.sse import EventStream
@@ -23,11 +28,20 @@ from mcpherd.worker.sse import EventStream
 log = logging.getLogger("mcpherd.worker")
 KEEP_S = 3600
 BLOCK_MS = 15_000
+READ_SLACK_S = 5.0  # an XREAD not answered this long after its block ended: Redis is gone, end the replay
+
+
+def reader_for(url: str, connect_timeout: float, name: str) -> Any:
+    """The client replays read with: one connection per following replay (at most redis-py's 100 per
+    worker; past that a resumption ends with a warning and the client retries)."""
+    return aioredis.from_url(url, socket_timeout=BLOCK_MS / 1000 + READ_SLACK_S,
+                             socket_connect_timeout=connect_timeout, client_name=name)
 
 
 class StreamMirror:
-    def __init__(self, client: Any, prefix: str) -> None:
-        self.client = client
+    def __init__(self, client: Any, prefix: str, reader: Any) -> None:
+        self.client = client  # appends: short, on the L2 cache's pool
+        self.reader = reader  # replays (reader_for)
         self.prefix = prefix
         self.loop = asyncio.get_running_loop()
         self.last_append: dict[str, asyncio.Task[None]] = {}  # per key: appends must land in order
@@ -61,7 +75,7 @@ class StreamMirror:
         key, last = self.key(token, stream_id), "0"
         try:
             while not stream.closed:
-                found = await self.client.xread({key: last}, count=256, block=BLOCK_MS)
+                found = await self.reader.xread({key: last}, count=256, block=BLOCK_MS)
                 if not found:
                     stream.comment()  # quiet stream: keep proxies from timing out the connection
                     continue
