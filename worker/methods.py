@@ -283,10 +283,14 @@ class Methods:
     def _cached(self, call: Any, tool: ToolDef, result: dict[str, Any]) -> dict[str, Any]:
         """Keep successful results of cacheable tools (errors are never cached)."""
         if call.cache_key and self.cache is not None and not result.get("isError"):
-            self.cache.put(call.cache_key, dict(result), tool.cache_ttl or 0.0, tool.cache_tags)
+            # A copy, taken now: the call goes on to add its protocol version's fields to `result`
+            # (2026-07-28's resultType and _meta) before the L2 write runs, and a reader of either
+            # cache may speak another version. Hits are copied again (`tools_call`), so this one stays clean.
+            entry = dict(result)
+            self.cache.put(call.cache_key, entry, tool.cache_ttl or 0.0, tool.cache_tags)
             if self.l2 is not None:
                 asyncio.get_running_loop().create_task(
-                    self.l2.put(call.cache_key, result, tool.cache_ttl or 0.0, tool.cache_tags))
+                    self.l2.put(call.cache_key, entry, tool.cache_ttl or 0.0, tool.cache_tags))
         return result
 
     def _tool_failure(self, call: Any, tool: ToolDef, exc: Exception) -> dict[str, Any]:

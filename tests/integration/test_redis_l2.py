@@ -9,6 +9,7 @@ Host A has one worker, host B two; Redis keys are inspected directly.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import uuid
@@ -95,6 +96,9 @@ def test_a_result_computed_on_a_is_read_through_l2_by_every_worker_of_b(shared: 
         computed = weather(on_a, city)
     entry = wait_until(lambda: stored(shared, city), 5.0, message="the result written to L2")
     assert entry["structuredContent"]["computed_at"] == computed
+    # The tool's result as computed: what one protocol version adds on its way out (2026-07-28's
+    # resultType and server _meta) is not part of it, since a 2025-11-25 session may read it next.
+    assert sorted(entry) == ["content", "structuredContent"], entry
     held = connect_to_workers(shared.b.url, shared.b.worker_pids())
     try:
         # Neither worker of B has it in L1, so both read it from L2: the very value A computed.
@@ -209,6 +213,41 @@ def test_an_invalidation_whose_l2_delete_failed_on_the_worker_is_deleted_by_the_
     assert "L2 cache unreachable from this worker" in since  # the worker's own delete did fail
     assert metric_value(shared.a.scrape(), "mcpherd_redis_up") == 1.0
     assert [line for line in since.splitlines() if " WARNING " in line or " ERROR " in line] == []
+
+
+EAGER_APP = '''
+from mcpherd import App
+
+app = App("l2-test-app", version="1")
+
+
+@app.tool(cache_ttl=30)
+async def rate(pair: str) -> str:
+    """Cacheable and async, answered without awaiting: cached within the request's own callback."""
+    return f"rate of {pair}"
+'''
+
+
+@pytest.mark.timeout(90)
+def test_l2_holds_the_tool_result_as_computed_not_what_a_protocol_version_added(
+        spawn: Any, redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 2026-07-28 answer carries resultType and the server's _meta; the entry other hosts (and their
+    2025-11-25 sessions) read from L2 carries only what the tool returned."""
+    (tmp_path / "l2_app.py").write_text(EAGER_APP)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    directory = tempfile.mkdtemp(prefix="mcpherd-test-", dir="/tmp")
+    try:
+        cluster = start_cluster_at(spawn, directory, "127.0.0.1", 1, "--app", "l2_app:app",
+                                   "--redis", redis_server.url)
+        wait_redis_up(cluster)
+        with RawHttp(cluster.url) as http, redis_server.client() as store:
+            result = modern_call(http, "tools/call", {"name": "rate", "arguments": {"pair": "EURUSD"}}).json()["result"]
+            assert (result["resultType"], tool_text(result)) == ("complete", "rate of EURUSD")
+            key = f"{PREFIX}cache:{cache_key('rate', json.dumps({'pair': 'EURUSD'}).encode())}"
+            entry = wait_until(lambda: store.get(key), 5.0, 0.05, "the result written to L2")
+            assert msgspec.msgpack.decode(entry) == {"content": [{"type": "text", "text": "rate of EURUSD"}]}
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.mark.timeout(90)
