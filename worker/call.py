@@ -173,6 +173,9 @@ class Call:
 
     def _result_bytes(self, result: Any) -> bytes:
         if self.modern:
+            # On a copy: `result` may be the tool's own dict (returned again, to a 2025-11-25 session) or a
+            # cache entry. The server's _meta is encoded once (a Raw): the copy never goes anywhere else.
+            result = dict(result)
             result.setdefault("resultType", "complete")
             result.setdefault("_meta", self.endpoint.server_meta)
         return rpc.response(self.request_id, result)

@@ -75,7 +75,7 @@ class Endpoint:
         self.modern = ModernEndpoint(self)
         self.cluster: Any = None  # worker/cluster.py Cluster, set by the worker
         self.recorder: Any = None  # shared/metrics.py Recorder, set by a worker with a shared-memory cell
-        self.server_meta = {"io.modelcontextprotocol/serverInfo": methods.server_info()}
+        self.server_meta = msgspec.Raw(rpc.encode({"io.modelcontextprotocol/serverInfo": methods.server_info()}))
 
     # -- entry ---------------------------------------------------------------------------------
     def handle(self, request: Request) -> ResponseLike | Awaitable[ResponseLike]:

@@ -7,11 +7,27 @@ multi-round tests play the client by hand: read the InputRequiredResult, answer,
 from __future__ import annotations
 
 import base64
+import os
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+import pytest
 
 from mcpherd.demo import app as demo_app
 
-from conftest import MODERN_VERSION, RawHttp, modern_call, modern_headers, modern_meta, rpc_body
+from conftest import (
+    MODERN_VERSION,
+    Process,
+    RawHttp,
+    initialize,
+    modern_call,
+    modern_headers,
+    modern_meta,
+    rpc_body,
+    session_call,
+    start_worker,
+)
 
 SERVER_META = {"io.modelcontextprotocol/serverInfo": {"name": "mcpherd-demo", "version": "1.0.0"}}
 ELICIT: dict[str, Any] = {"elicitation": {}}
@@ -233,3 +249,33 @@ def test_resource_not_found_is_invalid_params_with_the_uri(worker: str) -> None:
         assert reply.status == 400
         assert reply.json() == {"jsonrpc": "2.0", "id": 3, "error": {
             "code": -32602, "message": "Resource not found: test://missing", "data": {"uri": "test://missing"}}}
+
+
+CONSTANT_RESULT_APP = '''
+from mcpherd import App
+
+app = App("constant-result-app", version="1")
+RESULT = {"content": [{"type": "text", "text": "the same dict every time"}]}
+
+
+@app.tool()
+async def constant():
+    """Returns one module-level CallToolResult: the very same object on every call."""
+    return RESULT
+'''
+
+
+def test_answering_in_2026_07_28_leaves_the_result_the_tool_returned_unchanged(
+        spawn: Callable[..., Process], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 2026-07-28 answer adds resultType and the server's _meta to what the tool returned, on its way
+    out: a tool that returns the same dict again, to a 2025-11-25 session, answers it as it is."""
+    (tmp_path / "constant_app.py").write_text(CONSTANT_RESULT_APP)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    url = start_worker(spawn, "app='constant_app:app'")
+    text = [{"type": "text", "text": "the same dict every time"}]
+    with RawHttp(url) as http:
+        modern = modern_call(http, "tools/call", {"name": "constant", "arguments": {}}).json()["result"]
+        assert modern == {"content": text, "resultType": "complete",
+                          "_meta": {"io.modelcontextprotocol/serverInfo": {"name": "constant-result-app", "version": "1"}}}
+        session = initialize(http)
+        assert session_call(http, session, "tools/call", {"name": "constant", "arguments": {}}, 2) == {"content": text}
