@@ -19,7 +19,7 @@ import msgspec
 
 from mcpherd.worker.app import Signature
 from mcpherd.worker.context import Context
-from mcpherd.worker.jsonrpc import INVALID_PARAMS, RpcError
+from mcpherd.worker.jsonrpc import INVALID_PARAMS, NESTED_TOO_DEEPLY, RpcError
 
 _decoders: dict[type[Any], msgspec.json.Decoder[Any]] = {}
 _NULL = msgspec.Raw(b"null")  # `"arguments": null` means no arguments
@@ -36,6 +36,8 @@ def decode_arguments(signature: Signature, raw: msgspec.Raw, kind: str, name: st
         raise RpcError(INVALID_PARAMS, f"Invalid arguments for {kind} {name!r}: {_field_message(exc)}") from None
     except msgspec.DecodeError as exc:
         raise RpcError(INVALID_PARAMS, f"Invalid arguments for {kind} {name!r}: {exc}") from None
+    except RecursionError:
+        raise RpcError(INVALID_PARAMS, f"Invalid arguments for {kind} {name!r}: {NESTED_TOO_DEEPLY}") from None
 
 
 def _field_message(exc: msgspec.ValidationError) -> str:

@@ -70,8 +70,17 @@ _message_decoder = msgspec.json.Decoder(Message)
 _batch_decoder = msgspec.json.Decoder(list[Message])
 
 
+# msgspec follows nested JSON recursively and, past Python's recursion limit (~1,000 levels: a 2 KB
+# body), raises RecursionError, not DecodeError. From a client that is bad input like any other.
+NESTED_TOO_DEEPLY = "nested too deeply"
+
+
 def decode_body(body: bytes) -> Message | list[Message]:
-    """Raises RpcError(PARSE_ERROR) for bad JSON and RpcError(INVALID_REQUEST) for bad shapes."""
+    """Raises RpcError(PARSE_ERROR) for bad JSON and RpcError(INVALID_REQUEST) for bad shapes.
+
+    `params`, `result` and `error.data` stay raw, but their nesting is followed here too: a body this
+    accepts decodes anywhere later (give or take the few frames between, which `decode_params`,
+    `invoke.decode_arguments` and `loads` answer for)."""
     try:
         if body[:1] != b"{" and body.lstrip()[:1] == b"[":  # the first test spares the copy most of the time
             return _batch_decoder.decode(body)
@@ -80,6 +89,8 @@ def decode_body(body: bytes) -> Message | list[Message]:
         raise RpcError(INVALID_REQUEST, f"Invalid request: {exc}", http_status=400) from None
     except msgspec.DecodeError as exc:
         raise RpcError(PARSE_ERROR, f"Parse error: {exc}", http_status=400) from None
+    except RecursionError:
+        raise RpcError(PARSE_ERROR, f"Parse error: {NESTED_TOO_DEEPLY}", http_status=400) from None
     return message
 
 
@@ -101,6 +112,17 @@ def decode_params(params: msgspec.Raw | msgspec.UnsetType, decoder: msgspec.json
         raise RpcError(INVALID_PARAMS, f"Invalid params: {exc}") from None
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # e.g. invalid UTF-8 inside a string
         raise RpcError(INVALID_PARAMS, f"Invalid params: {exc}") from None
+    except RecursionError:
+        raise RpcError(INVALID_PARAMS, f"Invalid params: {NESTED_TOO_DEEPLY}") from None
+
+
+def loads(raw: msgspec.Raw | bytes) -> Any:
+    """Part of a decoded message (params, a result) as plain Python values; RpcError(INVALID_PARAMS) if
+    it is nested too deeply to follow from here."""
+    try:
+        return msgspec.json.decode(raw)
+    except RecursionError:
+        raise RpcError(INVALID_PARAMS, f"Invalid params: {NESTED_TOO_DEEPLY}") from None
 
 
 def response(request_id: RequestId | None, result: Any) -> bytes:

@@ -134,7 +134,7 @@ class ModernEndpoint:
             return
         try:
             arguments = msgspec.json.decode(envelope.arguments)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):
             arguments = None  # the tool's own decode reports it, after the ladder
         if not isinstance(arguments, dict):
             arguments = {}
@@ -159,7 +159,10 @@ class ModernEndpoint:
         if method == "server/discover":
             return call.respond_now(self.discover())
         if method == "subscriptions/listen":
-            return self.listen(call)
+            try:
+                return self.listen(call)
+            except rpc.RpcError as exc:
+                return self.endpoint.error_response(call, exc)
         handler = self.endpoint.methods.table.get(method)
         if handler is None:
             call.record(False)
@@ -179,7 +182,7 @@ class ModernEndpoint:
         return result
 
     def listen(self, call: Call) -> EventStream:
-        params = msgspec.json.decode(call.params) if call.params is not msgspec.UNSET else {}
+        params = rpc.loads(call.params) if call.params is not msgspec.UNSET else {}
         wanted = params.get("notifications") if isinstance(params, dict) else None
         listener = Listener(EventStream([]), wanted if isinstance(wanted, dict) else {}, call.request_id)
         call.record(True)  # counted when the subscription starts; the stream then lives on

@@ -163,7 +163,10 @@ class Endpoint:
         if request.headers.get("mcp-session-id"):
             return rpc_error(400, rpc.INVALID_REQUEST, "Invalid request: initialize must not carry a session id",
                              message.id)
-        params = msgspec.json.decode(message.params) if message.params is not msgspec.UNSET else {}
+        try:
+            params = rpc.loads(message.params) if message.params is not msgspec.UNSET else {}
+        except rpc.RpcError as exc:
+            return rpc_error(400, exc.code, exc.message, message.id)
         if not isinstance(params, dict):
             return rpc_error(400, rpc.INVALID_PARAMS, "Invalid params: expected an object", message.id)
         requested = params.get("protocolVersion")
@@ -244,7 +247,10 @@ class Endpoint:
                 self.cluster.forward(owner, msgspec.msgpack.encode([session.token, msgspec.json.encode(message)]))
             return
         if message.method == "notifications/cancelled" and message.params is not msgspec.UNSET:
-            params = msgspec.json.decode(message.params)
+            try:
+                params = rpc.loads(message.params)
+            except rpc.RpcError:
+                return  # a notification has no answer: one that cannot be read cancels nothing
             cancelled_id = params.get("requestId") if isinstance(params, dict) else None
             # Only ids can name a request; anything else (a list, an object) is not hashable either.
             call = self.inflight.get((session.token, cancelled_id)) if isinstance(cancelled_id, (str, int)) else None

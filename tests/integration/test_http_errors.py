@@ -13,7 +13,17 @@ from typing import Any
 
 import pytest
 
-from conftest import Process, RawHttp, Reply, initialize, mcp_headers, modern_call, rpc_body, start_worker
+from conftest import (
+    Process,
+    RawHttp,
+    Reply,
+    initialize,
+    mcp_headers,
+    modern_call,
+    rpc_body,
+    start_worker,
+    tool_text,
+)
 
 FOUR_MIB = 4 * 1024 * 1024
 
@@ -30,6 +40,37 @@ def test_malformed_json_is_32700_with_http_400(worker: str) -> None:
         for body in (b"{not json", b'{"jsonrpc":"2.0","id":1,"method":"ping"', b""):
             status, request_id, code, message = error_of(http.request("POST", mcp_headers(session), body))
             assert (status, request_id, code) == (400, None, -32700) and message.startswith("Parse error"), body
+
+
+DEEP = 5000  # levels of nesting: past Python's recursion limit, which msgspec's decoders follow
+
+
+def nested(depth: int) -> str:
+    return '{"a":' * depth + "1" + "}" * depth
+
+
+def test_json_nested_too_deeply_anywhere_is_32700_and_the_worker_serves_on(worker: str) -> None:
+    """~25 KB of nesting is a Parse error like any malformed body, not a 500 (msgspec raises RecursionError,
+    not DecodeError, past the recursion limit): in the envelope, in params, in the arguments, in _meta."""
+    deep = nested(DEEP)
+    bodies = [
+        '{"jsonrpc":"2.0","id":1,"method":"ping","extra":%s}' % deep,
+        '{"jsonrpc":"2.0","id":1,"method":"initialize","params":%s}' % deep,
+        '{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{"text":%s}}}' % deep,
+        '{"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":%s}}' % deep,
+    ]
+    with RawHttp(worker) as http:
+        session = initialize(http)
+        for body in bodies:
+            reply = http.request("POST", mcp_headers(session), body.encode())
+            assert error_of(reply) == (400, None, -32700, "Parse error: nested too deeply"), body[:80]
+        meta = '{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":%s}'
+        modern = ('{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{"text":"x"},'
+                  '"_meta":%s}}' % (meta % deep))
+        headers = {**mcp_headers(version="2026-07-28"), "mcp-method": "tools/call", "mcp-name": "echo"}
+        assert error_of(http.request("POST", headers, modern.encode())) == (400, None, -32700, "Parse error")
+        assert tool_text(modern_call(http, "tools/call", {"name": "echo", "arguments": {"text": "still here"}})
+                         .json()["result"]) == "still here"
 
 
 def test_invalid_requests_are_32600(worker: str) -> None:
