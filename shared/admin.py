@@ -73,6 +73,8 @@ def decode_request(line: bytes) -> Request:
         request = _request.decode(line)
     except msgspec.DecodeError as exc:
         raise ValueError(f"not a valid request: {exc}") from None
+    except RecursionError:  # msgspec's answer to JSON nested past the recursion limit
+        raise ValueError("not a valid request: nested too deeply") from None
     if request.v != VERSION:
         raise UnsupportedVersion(f"protocol version {request.v} is not supported (this master speaks {VERSION})")
     return request

@@ -50,6 +50,7 @@ PUBLISH_BATCH = 512  # messages per pipelined round trip
 SLOW_WINDOW = 10  # PINGs remembered (one a second)
 SLOW_PINGS = 3  # late PINGs within the window that make Redis too slow to rely on
 ON_TIME_PINGS = 3  # consecutive on-time PINGs that make it reliable again
+IGNORED_REASONS_MAX = 64  # distinct reasons for dropping a message from Redis that get their own warning
 
 
 @dataclass
@@ -121,6 +122,7 @@ class Bridge:
         self.pings: deque[float] = deque()  # when each unanswered PING left (answers come in order)
         self.outbox: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
         self.sender = control.Sender.on_loop(self.loop, channel)  # a burst of remote events must not be lost
+        self.ignored: set[str] = set()  # why messages from Redis were dropped (each warned about once)
 
     async def run(self) -> None:
         self.channel.setblocking(False)
@@ -186,13 +188,34 @@ class Bridge:
     def _inbound(self, channel: bytes, data: bytes) -> None:
         try:
             first, second = msgspec.msgpack.decode(data)
-        except (msgspec.DecodeError, ValueError, TypeError):
+            if not isinstance(first, str) or not isinstance(second, bytes):
+                raise TypeError("expected [host, payload]")
+        except (msgspec.DecodeError, ValueError, TypeError, RecursionError) as exc:
+            self._ignored(channel, f"{type(exc).__name__}: {exc}")
             return
         if channel.endswith(b":events"):
-            if first != self.host:  # our own events are already in our ring
-                self.sender.send(control.Inbound(second))
+            if first == self.host:
+                return  # our own events are already in our ring
+            # What this host cannot apply must not reach its master or workers, where it would fail
+            # their decoders: an event kind from a newer mcpherd mid rolling upgrade, or anything else.
+            try:
+                event = events.decode(second)
+            except (msgspec.DecodeError, TypeError, RecursionError) as exc:
+                self._ignored(channel, f"from host {first}: {exc}")
+                return
+            if isinstance(event, events.RedisTrust):  # host-local: never published, so not a host's
+                self._ignored(channel, f"from host {first}: a host-local {type(event).__name__} event")
+                return
+            self.sender.send(control.Inbound(second))
         else:
             self.sender.send(control.RemoteDeliver(first, second))
+
+    def _ignored(self, channel: bytes, reason: str) -> None:
+        """One warning per distinct reason (a newer host publishes many of the same), a bounded set of them."""
+        if reason not in self.ignored and len(self.ignored) < IGNORED_REASONS_MAX:
+            self.ignored.add(reason)
+            log.warning("ignored a message on Redis channel %s that this host cannot decode (a newer mcpherd "
+                        "on another host?): %s", channel.decode(errors="replace"), reason[:300])
 
     def _state(self, up: bool, detail: str) -> None:
         if up != self.up:

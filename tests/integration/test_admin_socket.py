@@ -208,7 +208,8 @@ def test_garbage_gets_error_replies_in_order_and_the_connection_keeps_working(cl
     garbage = [b"garbage", b"\x00\xff\xfe\x80", b"[]", b"{}", b"", b'{"v":1,"cmd":"nope"}',
                b'{"v":1,"cmd":"status","args":[1]}', b'{"v":1,"cmd":"scale","args":{"workers":"x"}}',
                b'{"v":1,"cmd":"scale","args":{"workers":1,"delta":1}}', b'{"v":1,"cmd":"invalidate","args":{}}',
-               b'{"v":1,"cmd":"status","version":1}']  # an unknown field named "version" is not a version mismatch
+               b'{"v":1,"cmd":"status","version":1}',  # an unknown field named "version" is not a version mismatch
+               b'{"v":1,"cmd":"status","args":{"x":' + b'{"a":' * 5000 + b"1" + b"}" * 5000 + b"}}"]  # 25 KB deep
     line.send(b"\n".join(garbage) + b"\n" + request("status") + b'{"v":2,"cmd":"status"}\n')
     for sent in garbage:
         reply = line.reply()

@@ -22,7 +22,10 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+import msgspec
 import pytest
+
+from mcpherd.shared import events
 
 from conftest import (
     Cluster,
@@ -172,6 +175,40 @@ def test_redis_frozen_under_load_and_thawed(pair: Pair) -> None:
         outage(pair, redis.pause, lambda: redis.pause(False))
     finally:
         redis.pause(False)  # never leave a stopped process behind
+
+
+def undecodable(cluster: Cluster) -> list[str]:
+    return [line for line in cluster.process.output().splitlines() if "cannot decode" in line]
+
+
+@pytest.mark.timeout(60)
+def test_messages_a_host_cannot_decode_are_ignored_and_the_hosts_go_on(pair: Pair) -> None:
+    """What arrives from Redis that a host cannot apply is dropped by its bridge, with one warning per
+    reason: an event kind from a newer mcpherd (a rolling upgrade), bytes that are no event, a message
+    that is not even [host, payload], a host-local event. It used to reach the master, whose decoder
+    raised and took it down. The masters serve on, and the next event still crosses."""
+    city = f"Oslo-{uuid.uuid4().hex[:8]}"
+    held = connect_to_workers(pair.b.url, pair.b.worker_pids())
+    cached = {pid: forecast(http, city) for pid, http in held.items()}
+    future = msgspec.msgpack.encode({"type": "FutureEvent", "detail": 1})
+    with pair.redis.client() as store:
+        for payload in (future, future, future, b"\xc1 no event", events.encode(events.RedisTrust(False))):
+            store.publish("mcpherd:events", msgspec.msgpack.encode(["ffffffff", payload]))
+        store.publish("mcpherd:events", b"\xc1 not even a pair")
+    with RawHttp(pair.a.url) as on_a:
+        reply = modern_call(on_a, "tools/call", {"name": "refresh_weather", "arguments": {"city": city}})
+        assert tool_text(reply.json()["result"]) == f"forecasts invalidated: {city}"
+    for pid, http in held.items():
+        wait_until(lambda http=http, pid=pid: forecast(http, city) != cached[pid], 10.0, 0.05,
+                   f"worker {pid} of B to drop the forecast A invalidated")
+        http.close()
+    for cluster in (pair.a, pair.b):
+        assert cluster.status()["master"]["pid"] == cluster.process.pid
+        assert metric_value(cluster.scrape(), "mcpherd_redis_up") == 1.0
+        wait_until(lambda c=cluster: len(undecodable(c)) >= 4, 10.0, 0.05, "the warnings")
+        ignored = undecodable(cluster)
+        assert len(ignored) == 4 and all(" WARNING " in line for line in ignored), ignored
+        assert sum("FutureEvent" in line for line in ignored) == 1 and sum("RedisTrust" in line for line in ignored) == 1
 
 
 QUEUED_FOR_THE_BRIDGE = 10_000  # what a master holds for a bridge that does not read (control.Sender's limit)
