@@ -261,9 +261,13 @@ class Endpoint:
 
     def deliver_forwarded(self, payload: bytes) -> None:
         """A client's answer to one of our requests, POSTed to another worker and forwarded here."""
-        token, body = msgspec.msgpack.decode(payload)
-        session = self.sessions.sessions.get(token)
-        message = msgspec.json.decode(body, type=rpc.Message)
+        try:  # from another host it came through Redis, where anything may have been written
+            token, body = msgspec.msgpack.decode(payload)
+            message = msgspec.json.decode(body, type=rpc.Message)
+        except (msgspec.DecodeError, ValueError, TypeError, RecursionError) as exc:
+            log.warning("ignored an answer forwarded to this worker that cannot be decoded: %s", exc)
+            return
+        session = self.sessions.sessions.get(token) if isinstance(token, str) else None
         waiter = session.pending.get(str(message.id)) if session is not None else None
         if waiter is not None and not waiter.done():
             waiter.set_result(message)

@@ -34,6 +34,7 @@ from conftest import (
     RedisServer,
     connect_to_workers,
     free_port,
+    host_id,
     metric_value,
     modern_call,
     start_cluster_at,
@@ -186,7 +187,8 @@ def test_messages_a_host_cannot_decode_are_ignored_and_the_hosts_go_on(pair: Pai
     """What arrives from Redis that a host cannot apply is dropped by its bridge, with one warning per
     reason: an event kind from a newer mcpherd (a rolling upgrade), bytes that are no event, a message
     that is not even [host, payload], a host-local event. It used to reach the master, whose decoder
-    raised and took it down. The masters serve on, and the next event still crosses."""
+    raised and took it down. The masters serve on, and the next event still crosses. An answer forwarded
+    to a worker of A that is no answer is ignored by that worker, with a warning."""
     city = f"Oslo-{uuid.uuid4().hex[:8]}"
     held = connect_to_workers(pair.b.url, pair.b.worker_pids())
     cached = {pid: forecast(http, city) for pid, http in held.items()}
@@ -195,6 +197,7 @@ def test_messages_a_host_cannot_decode_are_ignored_and_the_hosts_go_on(pair: Pai
         for payload in (future, future, future, b"\xc1 no event", events.encode(events.RedisTrust(False))):
             store.publish("mcpherd:events", msgspec.msgpack.encode(["ffffffff", payload]))
         store.publish("mcpherd:events", b"\xc1 not even a pair")
+        store.publish(f"mcpherd:host:{host_id(pair.a)}", msgspec.msgpack.encode([f"{host_id(pair.a)}w0a", b"\xc1"]))
     with RawHttp(pair.a.url) as on_a:
         reply = modern_call(on_a, "tools/call", {"name": "refresh_weather", "arguments": {"city": city}})
         assert tool_text(reply.json()["result"]) == f"forecasts invalidated: {city}"
@@ -209,6 +212,11 @@ def test_messages_a_host_cannot_decode_are_ignored_and_the_hosts_go_on(pair: Pai
         ignored = undecodable(cluster)
         assert len(ignored) == 4 and all(" WARNING " in line for line in ignored), ignored
         assert sum("FutureEvent" in line for line in ignored) == 1 and sum("RedisTrust" in line for line in ignored) == 1
+    wait_until(lambda: "ignored an answer forwarded to this worker" in pair.a.process.output(), 10.0, 0.05,
+               "the worker's warning")
+    with RawHttp(pair.a.url) as on_a:
+        assert [tool_text(modern_call(on_a, "tools/call", {"name": "echo", "arguments": {"text": str(n)}}, n)
+                          .json()["result"]) for n in range(4)] == ["0", "1", "2", "3"]
 
 
 QUEUED_FOR_THE_BRIDGE = 10_000  # what a master holds for a bridge that does not read (control.Sender's limit)
