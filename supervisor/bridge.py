@@ -198,6 +198,9 @@ class Bridge:
                 return  # our own events are already in our ring
             # What this host cannot apply must not reach its master or workers, where it would fail
             # their decoders: an event kind from a newer mcpherd mid rolling upgrade, or anything else.
+            if len(second) > events.MAX_PAYLOAD:  # no host publishes one: it would overrun its ring entry
+                self._ignored(channel, f"from host {first}: an event of more than {events.MAX_PAYLOAD} bytes")
+                return
             try:
                 event = events.decode(second)
             except (msgspec.DecodeError, TypeError, RecursionError) as exc:

@@ -186,7 +186,7 @@ def undecodable(cluster: Cluster) -> list[str]:
 def test_messages_a_host_cannot_decode_are_ignored_and_the_hosts_go_on(pair: Pair) -> None:
     """What arrives from Redis that a host cannot apply is dropped by its bridge, with one warning per
     reason: an event kind from a newer mcpherd (a rolling upgrade), bytes that are no event, a message
-    that is not even [host, payload], a host-local event. It used to reach the master, whose decoder
+    that is not even [host, payload], a host-local event, an event too large for a ring entry. It used to reach the master, whose decoder
     raised and took it down. The masters serve on, and the next event still crosses. An answer forwarded
     to a worker of A that is no answer is ignored by that worker, with a warning."""
     city = f"Oslo-{uuid.uuid4().hex[:8]}"
@@ -194,7 +194,8 @@ def test_messages_a_host_cannot_decode_are_ignored_and_the_hosts_go_on(pair: Pai
     cached = {pid: forecast(http, city) for pid, http in held.items()}
     future = msgspec.msgpack.encode({"type": "FutureEvent", "detail": 1})
     with pair.redis.client() as store:
-        for payload in (future, future, future, b"\xc1 no event", events.encode(events.RedisTrust(False))):
+        oversize = msgspec.msgpack.encode(events.Invalidate(key="k" * events.MAX_PAYLOAD))  # past events.encode
+        for payload in (future, future, future, b"\xc1 no event", events.encode(events.RedisTrust(False)), oversize):
             store.publish("mcpherd:events", msgspec.msgpack.encode(["ffffffff", payload]))
         store.publish("mcpherd:events", b"\xc1 not even a pair")
         store.publish(f"mcpherd:host:{host_id(pair.a)}", msgspec.msgpack.encode([f"{host_id(pair.a)}w0a", b"\xc1"]))
@@ -208,9 +209,9 @@ def test_messages_a_host_cannot_decode_are_ignored_and_the_hosts_go_on(pair: Pai
     for cluster in (pair.a, pair.b):
         assert cluster.status()["master"]["pid"] == cluster.process.pid
         assert metric_value(cluster.scrape(), "mcpherd_redis_up") == 1.0
-        wait_until(lambda c=cluster: len(undecodable(c)) >= 4, 10.0, 0.05, "the warnings")
+        wait_until(lambda c=cluster: len(undecodable(c)) >= 5, 10.0, 0.05, "the warnings")
         ignored = undecodable(cluster)
-        assert len(ignored) == 4 and all(" WARNING " in line for line in ignored), ignored
+        assert len(ignored) == 5 and all(" WARNING " in line for line in ignored), ignored
         assert sum("FutureEvent" in line for line in ignored) == 1 and sum("RedisTrust" in line for line in ignored) == 1
     wait_until(lambda: "ignored an answer forwarded to this worker" in pair.a.process.output(), 10.0, 0.05,
                "the worker's warning")
