@@ -59,7 +59,16 @@ class L2Cache:
             self._failed(exc)
             return None
         self._succeeded()
-        return msgspec.msgpack.decode(data) if isinstance(data, bytes) else None
+        if not isinstance(data, bytes):
+            return None
+        try:
+            value = msgspec.msgpack.decode(data)
+        except (msgspec.DecodeError, RecursionError):
+            value = None
+        if not isinstance(value, dict):  # every entry is a tool result: anything else was not written by us
+            log.warning("ignored L2 cache entry %s: not a tool result written by mcpherd", self._key(key))
+            return None
+        return value
 
     async def put(self, key: str, value: Any, ttl: float, tags: tuple[str, ...]) -> None:
         data = msgspec.msgpack.encode(value)

@@ -126,6 +126,23 @@ def test_l2_entries_carry_the_tool_ttl_and_tag_sets_expire_too(shared: Shared) -
 
 
 @pytest.mark.timeout(90)
+def test_an_l2_entry_mcpherd_did_not_write_is_a_miss(shared: Shared) -> None:
+    """Redis is shared with whatever else can write to it: an entry under our key that is not a tool
+    result (another value, broken msgpack, nesting past the recursion limit) is a miss with a warning,
+    and the forecast is computed and stored over it, instead of failing the call."""
+    for n, junk in enumerate((msgspec.msgpack.encode([1, 2]), b"\xc1", b"\x91" * 5000 + b"\x01")):
+        city = unique(f"Junk{n}")
+        shared.store.set(f"{PREFIX}cache:{weather_key(city)}", junk, px=TTL_MS)
+        with RawHttp(shared.a.url) as on_a:
+            computed = weather(on_a, city)
+        key = f"{PREFIX}cache:{weather_key(city)}"
+        wait_until(lambda key=key, junk=junk: shared.store.get(key) != junk, 5.0, 0.05, "the computed result stored")
+        assert stored(shared, city)["structuredContent"]["computed_at"] == computed
+    ignored = [line for line in shared.a.process.output().splitlines() if "ignored L2 cache entry" in line]
+    assert len(ignored) == 3 and all(" WARNING " in line for line in ignored), ignored
+
+
+@pytest.mark.timeout(90)
 def test_key_tag_and_prefix_invalidations_delete_the_shared_entries(shared: Shared) -> None:
     cities = {name: unique(name) for name in ("Paris", "Porto", "Oslo", "Rome")}
     with RawHttp(shared.a.url) as on_a, RawHttp(shared.b.url) as on_b:
