@@ -90,3 +90,7 @@ class StreamMirror:
         except (RedisError, OSError) as exc:
             log.warning("resuming stream %s from Redis failed: %s", stream_id, exc)
             stream.end()
+        except (KeyError, ValueError, TypeError) as exc:  # an entry some other writer put under our key
+            log.warning("resuming stream %s from Redis: an entry mcpherd did not write (%s: %s); ending it",
+                        stream_id, type(exc).__name__, exc)
+            stream.end()

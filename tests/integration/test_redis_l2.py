@@ -8,6 +8,7 @@ Host A has one worker, host B two; Redis keys are inspected directly.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -29,12 +30,15 @@ from conftest import (
     RedisServer,
     Spawner,
     connect_to_workers,
+    initialize,
     metric_value,
     modern_call,
     modern_headers,
     modern_meta,
+    open_stream,
     rpc_body,
     start_cluster_at,
+    stream_headers,
     tool_text,
     wait_redis_up,
     wait_until,
@@ -140,6 +144,22 @@ def test_an_l2_entry_mcpherd_did_not_write_is_a_miss(shared: Shared) -> None:
         assert stored(shared, city)["structuredContent"]["computed_at"] == computed
     ignored = [line for line in shared.a.process.output().splitlines() if "ignored L2 cache entry" in line]
     assert len(ignored) == 3 and all(" WARNING " in line for line in ignored), ignored
+
+
+@pytest.mark.timeout(60)
+def test_a_stream_copy_mcpherd_did_not_write_ends_the_resumed_stream(shared: Shared) -> None:
+    """A GET stream held on A is resumed through B from its copy in Redis; an entry in that copy that
+    mcpherd did not write ends the resumed stream cleanly (the client reconnects), with a warning,
+    instead of leaving it open and silent."""
+    with RawHttp(shared.a.url) as on_a, RawHttp(shared.a.url) as stream_a, RawHttp(shared.b.url) as on_b:
+        session = initialize(on_a)
+        priming = next(open_stream(stream_a, "GET", stream_headers(session)))
+        stream_id = str(priming.id).rsplit(".", 1)[0]
+        digest = hashlib.sha256(session.encode()).hexdigest()[:24]
+        shared.store.xadd(f"{PREFIX}stream:{digest}:{stream_id}", {"x": "1"})
+        resumed = open_stream(on_b, "GET", stream_headers(session, str(priming.id)))
+        assert [event.data for event in resumed if event.data] == []  # it ends, with nothing replayed
+    wait_until(lambda: "an entry mcpherd did not write" in shared.b.process.output(), 5.0, 0.05, "the warning")
 
 
 @pytest.mark.timeout(90)
