@@ -69,6 +69,11 @@ class RedisTrust(msgspec.Struct, tag=True):
 
 
 Event = Invalidate | ResourceUpdated | ListChanged | SetLogLevel | Subscribe | SessionEnded | RedisTrust
+# The session tables every process keeps from these events (log levels, subscriptions, ended sessions)
+# hold at most this many tokens each, oldest first out: a client flooding `initialize` + `logging/setLevel`
+# must not grow them for the day a token lives.
+MAX_TABLE_ENTRIES = 100_000
+
 _encoder = msgspec.msgpack.Encoder()
 _decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(Event)
 

@@ -39,7 +39,7 @@ log = logging.getLogger("mcpherd.master")
 ACK_TIMEOUT_S = 5.0
 REWAKE_S = 0.05  # a worker still behind the ring this long after its Wake is woken again
 _TAG = re.compile(r"(?P<host>[0-9a-f]{8})w(?P<slot>\d+)(?P<lane>[ab])")
-MAX_TABLE_ENTRIES = 100_000
+MAX_TABLE_ENTRIES = events.MAX_TABLE_ENTRIES
 
 
 @dataclass

@@ -12,6 +12,8 @@ stays). Example:
     max_requests = 0            # recycle a worker after this many requests (0: never)
     max_requests_jitter = 0
     max_rss_mb = 0              # recycle a worker above this resident size (0: never)
+    max_sessions = 100000       # per worker: sessions whose local state it holds; past it the oldest
+                                # idle ones are forgotten (their ids stay valid and are rebuilt)
 
     metrics_bind = "127.0.0.1:9464"   # Prometheus /metrics; "off" disables
     admin_socket = ""           # default: $RUNTIME_DIRECTORY, $XDG_RUNTIME_DIR or /tmp/mcpherd-<uid>
@@ -24,6 +26,7 @@ stays). Example:
     url = "redis://:password@10.0.0.5:6379/0"   # rediss:// for TLS
     key_prefix = "mcpherd:"
     socket_timeout = 0.25
+    max_connections = 32        # per process; a burst of cache misses waits for one
 
     [alerts]                    # logged once when they fire or clear; mcpherd_alert_active{alert}
     cpu_percent = 85
@@ -112,6 +115,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_requests_jitter: int = 0
     max_rss_mb: int = 0
     tool_threads: int = 32
+    max_sessions: int = 100_000  # per worker: sessions whose local state it holds (~1 KB each); ids stay valid
     allowed_hosts: list[str] = msgspec.field(default_factory=list)
     allowed_origins: list[str] = msgspec.field(default_factory=list)
     secret_file: str = ""
@@ -138,6 +142,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ValueError("max_requests, max_requests_jitter and max_rss_mb must be >= 0")
         if ":" not in self.app:
             raise ValueError("app must look like module:attribute")
+        if self.max_sessions < 1:
+            raise ValueError("max_sessions must be at least 1")
         if self.metrics_bind != "off":
             parse_bind(self.metrics_bind)
 

@@ -183,19 +183,19 @@ class Methods:
         level = params_of(call, SetLevelParams).level
         if level not in LOG_LEVELS:
             raise rpc.RpcError(rpc.INVALID_PARAMS, f"Invalid params: unknown log level {level!r}")
-        call.session.log_level = level
+        call.endpoint.sessions.set_log_level(call.session.token, level)  # kept past a rebuild
         self._share(call, events.SetLogLevel(call.session.token, level))
         return {}
 
     def subscribe(self, call: Any) -> dict[str, Any]:
         uri = params_of(call, ReadParams).uri
-        call.session.subscriptions.add(uri)
+        call.endpoint.sessions.set_subscription(call.session.token, uri, True)  # kept past a rebuild
         self._share(call, events.Subscribe(call.session.token, uri, True))
         return {}
 
     def unsubscribe(self, call: Any) -> dict[str, Any]:
         uri = params_of(call, ReadParams).uri
-        call.session.subscriptions.discard(uri)
+        call.endpoint.sessions.set_subscription(call.session.token, uri, False)
         self._share(call, events.Subscribe(call.session.token, uri, False))
         return {}
 

@@ -60,6 +60,7 @@ class WorkerConfig:
     tool_threads: int = 32
     graceful_timeout: float = 30.0
     session_idle_timeout: float = 1800.0
+    max_sessions: int = 100_000  # sessions whose local state one worker holds (sessions.py)
     allowed_hosts: list[str] = field(default_factory=list)  # added to loopback and the bind address
     allowed_origins: list[str] = field(default_factory=list)  # added to the loopback origins
     limits: HttpLimits = field(default_factory=HttpLimits)
@@ -142,7 +143,8 @@ class Worker:
             if redis is not None and redis.url else None
         self.endpoint = Endpoint(
             Methods(app, Invoker(self.loop, config.tool_threads), config.secret, cache=self.cache, l2=self.l2),
-            SessionStore(config.secret, tag, idle_timeout=config.session_idle_timeout),
+            SessionStore(config.secret, tag, idle_timeout=config.session_idle_timeout,
+                         max_sessions=config.max_sessions),
             AllowList(default_hosts(bind_hosts) + config.allowed_hosts),
             AllowList(list(loopback_origins()) + config.allowed_origins),
             config.path,

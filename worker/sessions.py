@@ -6,7 +6,10 @@ it. Any worker holding the cluster secret validates it without asking anyone. Wh
 session (log level, subscriptions, the GET stream, the event log for resumption, server-to-client
 requests awaiting answers) lives in a `Session` on the worker that holds it; a worker that sees a valid
 token it does not know builds a fresh `Session` for it. Ended sessions are remembered as revoked until
-their token would have expired anyway, so memory stays bounded.
+their token would have expired anyway, so memory stays bounded. So is the number of `Session`s a worker
+holds (`max_sessions`): a client that opens a session per call, or floods `initialize`, would otherwise
+grow it for the whole idle timeout (~1 KB each); past the bound, the oldest that can be forgotten are
+(as `expire` forgets idle ones), and their tokens stay valid.
 
 Ownership is named in ids so the cluster layer can route: stream ids, event ids and server request
 ids all start with this worker's tag (`w<slot>`).
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import os
 import struct
 import time
@@ -24,8 +28,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from mcpherd.shared.events import MAX_TABLE_ENTRIES
 from mcpherd.shared.signing import Signer, credential_digest
 from mcpherd.worker.sse import EventStream
+
+log = logging.getLogger("mcpherd.worker")
 
 HANDSHAKE_VERSIONS = ("2025-03-26", "2025-06-18", "2025-11-25")
 _TOKEN = struct.Struct(">16sIBH")  # session nonce, issued (unix s), version index, capability bits
@@ -111,13 +118,14 @@ class SessionStore:
     """This worker's view of the cluster's sessions. The cluster layer extends `revoked` and routing."""
 
     def __init__(self, secret: bytes, worker_tag: str, *, idle_timeout: float = 1800.0,
-                 max_age: float = 86400.0, max_streams: int = 64) -> None:
+                 max_age: float = 86400.0, max_streams: int = 64, max_sessions: int = 100_000) -> None:
         self._signer = Signer(secret, "session")
         self.worker_tag = worker_tag
         self.idle_timeout = idle_timeout
         self.max_age = max_age
         self.max_streams = max_streams
-        self.sessions: dict[str, Session] = {}
+        self.max_sessions = max_sessions
+        self.sessions: dict[str, Session] = {}  # in the order they were made or rebuilt here
         self.revoked: dict[bytes, float] = {}  # nonce -> when the token expires anyway
         self.log_levels: dict[str, str] = {}  # token -> level, cluster-wide
         self.subscriptions: dict[str, set[str]] = {}  # token -> resource URIs, cluster-wide
@@ -127,6 +135,7 @@ class SessionStore:
         self._counter = time.time_ns() // 1000
         self.mirror: Any = None  # StreamMirror when hosts share Redis
         self._next_table_prune = 0.0
+        self.full_since = 0.0  # when `max_sessions` was first reached (logged once)
 
     def next_id(self, kind: str) -> str:
         """Ids that name this worker as their owner: streams (s), GET streams (g), requests (r).
@@ -150,12 +159,14 @@ class SessionStore:
 
     def set_log_level(self, token: str, level: str) -> None:
         self.log_levels[token] = level
+        _bound(self.log_levels)
         session = self.sessions.get(token)
         if session is not None:
             session.log_level = level
 
     def set_subscription(self, token: str, uri: str, on: bool) -> None:
         uris = self.subscriptions.setdefault(token, set())
+        _bound(self.subscriptions)
         if on:
             uris.add(uri)
         else:
@@ -188,8 +199,7 @@ class SessionStore:
         token = self._signer.seal(payload)
         session = Session(token, protocol_version, capabilities, credential_digest(authorization),
                           client_info=client_info, last_seen=time.monotonic())
-        session.subscriptions = self.subscriptions.setdefault(token, set())
-        self.sessions[token] = session
+        self._hold(session)
         return session
 
     def lookup(self, token: str, authorization: str) -> Session:
@@ -213,9 +223,35 @@ class SessionStore:
         session = Session(token, HANDSHAKE_VERSIONS[version_index], capabilities_from_bits(bits),
                           payload[_TOKEN.size:], last_seen=time.monotonic())
         session.log_level = self.log_levels.get(token, session.log_level)
-        session.subscriptions = self.subscriptions.setdefault(token, set())
-        self.sessions[token] = session
+        self._hold(session)
         return session
+
+    def _hold(self, session: Session) -> None:
+        # The cluster-wide table gets an entry only once the session subscribes (`set_subscription`):
+        # an empty set per session would be kept until the token expires, a day later.
+        session.subscriptions = self.subscriptions.get(session.token) or set()
+        self.sessions[session.token] = session
+        if len(self.sessions) > self.max_sessions:
+            self._make_room()
+
+    def _make_room(self) -> None:
+        """Forget the local state of the oldest sessions that can be forgotten, down to `max_sessions`.
+
+        Oldest by when they were made or rebuilt here (one in use is soon rebuilt, at the back). Only
+        what a rebuild cannot restore is kept: a session awaiting a client's answer, or with a live
+        stream, goes to the back of the line instead. Its finished streams' logs go with it, so resuming
+        one of those answers 404 and the client starts over, as after `expire`. Bounded work per call.
+        """
+        for _ in range(2 * (len(self.sessions) - self.max_sessions) + 16):
+            if len(self.sessions) <= self.max_sessions:
+                return
+            session = self.sessions.pop(next(iter(self.sessions)))
+            if session.pending or not _no_live_streams(session):
+                self.sessions[session.token] = session
+            elif not self.full_since:
+                self.full_since = time.monotonic()
+                log.info("this worker holds %d sessions: forgetting the local state of the oldest idle ones "
+                         "(their ids stay valid and are rebuilt on their next request)", self.max_sessions)
 
     def terminate(self, session: Session) -> None:
         self.sessions.pop(session.token, None)
@@ -263,6 +299,12 @@ class SessionStore:
             for stream_id in evictable[:excess]:
                 del session.streams[stream_id]
         return log
+
+
+def _bound(table: dict[str, Any]) -> None:
+    """Oldest first out, as the master bounds its copies (supervisor/bus.py)."""
+    while len(table) > MAX_TABLE_ENTRIES:
+        del table[next(iter(table))]
 
 
 def _no_live_streams(session: Session) -> bool:

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from mcpherd.demo import app as demo_app
 
-from conftest import HANDSHAKE_VERSION, RawHttp, initialize, mcp_headers, rpc_body
+from conftest import HANDSHAKE_VERSION, Cluster, RawHttp, initialize, mcp_headers, rpc_body
 
 # The conformance fixtures come first, in this order (the suite calls tools[0] without arguments).
 FIRST_TOOLS = ["test_simple_text", "test_image_content", "test_audio_content", "test_embedded_resource",
@@ -297,3 +299,23 @@ def test_cancelled_calls_end_at_once_with_nothing_more_said(worker: str) -> None
         assert next(events).data == "" and next(events).json()["method"] == "sampling/createMessage"
         assert control.request("POST", mcp_headers(sampler), cancellation("streamed")).status == 202
         assert list(events) == []  # the stream ends without a result
+
+
+def test_a_flood_of_sessions_is_bounded_and_every_session_id_stays_valid(
+        clusters: Callable[..., Cluster], tmp_path: Path) -> None:
+    """A worker holds the local state of at most `max_sessions` sessions (here 100, from the config file).
+    1,000 initializes later, the first session (forgotten there) is rebuilt from its id on its next
+    request, with the log level it chose: its tool call answers without the info-level messages it
+    opted out of. The worker says once, at INFO, that it reached the bound."""
+    config = tmp_path / "mcpherd.toml"
+    config.write_text("max_sessions = 100\n")
+    cluster = clusters(1, "--config", str(config))
+    with RawHttp(cluster.url) as http:
+        first = initialize(http)
+        assert call(http, first, "logging/setLevel", {"level": "warning"}, 2) == {"jsonrpc": "2.0", "id": 2, "result": {}}
+        for _ in range(1000):
+            initialize(http)
+        assert call(http, first, "tools/call", {"name": "test_tool_with_logging", "arguments": {}}, 3) == \
+            text_result("Tool with logging executed successfully", 3)
+    held = [line for line in cluster.process.output().splitlines() if "this worker holds 100 sessions" in line]
+    assert len(held) == 1 and " INFO " in held[0], held

@@ -140,3 +140,37 @@ def test_finished_streams_are_evicted_even_behind_a_live_get_stream() -> None:
         log.done = True
         opened.append(log.stream_id)
     assert list(session.streams) == [get_stream.stream_id, *opened[-2:]]
+
+
+def test_past_max_sessions_the_oldest_idle_ones_are_forgotten_and_rebuilt_on_their_next_request() -> None:
+    store = SessionStore(SECRET, "w0", max_sessions=3)
+    old = [store.create("2025-11-25", {"sampling": {}}, "", {}) for _ in range(3)]
+    loop = asyncio.new_event_loop()
+    old[0].pending["r1"] = loop.create_future()  # the oldest awaits a client's answer: it stays
+    loop.close()
+    new = [store.create("2025-11-25", {}, "", {}) for _ in range(2)]
+    assert set(store.sessions) == {old[0].token, new[0].token, new[1].token}
+    rebuilt = store.lookup(old[1].token, "")  # forgotten here, not ended: its token still works
+    assert rebuilt is not old[1] and rebuilt.capabilities == {"sampling": {}}
+    assert set(store.sessions) == {old[0].token, new[1].token, old[1].token}  # the oldest idle one made room
+
+
+def test_sessions_with_a_live_stream_are_kept_even_past_max_sessions() -> None:
+    store = SessionStore(SECRET, "w0", max_sessions=3)
+    streaming = []
+    for _ in range(3):
+        streaming.append(store.create("2025-11-25", {}, "", {}))
+        store.open_stream(streaming[-1]).live = EventStream([])
+    flood = [store.create("2025-11-25", {}, "", {}) for _ in range(50)]
+    assert set(store.sessions) == {s.token for s in streaming}  # what a rebuild cannot restore stays
+    assert all(store.lookup(s.token, "") is not s for s in flood[:3])  # the flood's are rebuilt on demand
+
+
+def test_a_session_gets_a_cluster_table_entry_only_once_it_subscribes() -> None:
+    store = SessionStore(SECRET, "w0")
+    quiet = [store.create("2025-11-25", {}, "", {}) for _ in range(100)]
+    assert store.subscriptions == {}  # no empty set per session, kept until the token expires (a day)
+    store.set_subscription(quiet[0].token, "test://a", True)
+    assert store.subscriptions == {quiet[0].token: {"test://a"}} and quiet[0].subscriptions == {"test://a"}
+    store.sessions.clear()  # forgotten here (idle, or to make room)
+    assert store.lookup(quiet[0].token, "").subscriptions == {"test://a"}
