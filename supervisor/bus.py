@@ -73,7 +73,9 @@ class Bus:
             self.tool_names[proc.pid] = message.tools
             if self.master.metrics is not None:
                 self.master.metrics.set_tool_names(layout.lane_index(proc.slot, proc.lane), message.tools)
-            self.master.send(proc, self._snapshot())
+            for message in control.snapshot(self.ring.write_seq, self.log_levels, self.subscriptions,
+                                            list(self.ended), self.master.redis.workers_trust):
+                self.master.send(proc, message)  # in order, queued past what the channel holds
         elif isinstance(message, control.Forward):
             if not self.master.redis.forward(message.owner, message.payload):
                 self.deliver(message.owner, message.payload)
@@ -186,11 +188,6 @@ class Bus:
             wall = time.time()
             for nonce in [n for n, until in self.ended.items() if until < wall]:
                 del self.ended[nonce]
-
-    def _snapshot(self) -> control.Snapshot:
-        return control.Snapshot(self.ring.write_seq, dict(self.log_levels),
-                                {token: sorted(uris) for token, uris in self.subscriptions.items()},
-                                list(self.ended), self.master.redis.workers_trust)
 
     def _owner(self, tag: str) -> Proc | None:
         """`<host id>w<slot><lane>` -> the live process in that lane of this host."""

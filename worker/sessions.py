@@ -149,8 +149,10 @@ class SessionStore:
     # -- cluster-wide tables (kept in step by cluster events; see worker/cluster.py) ------------
     def load_tables(self, log_levels: dict[str, str], subscriptions: dict[str, list[str]],
                     ended: list[bytes]) -> None:
-        self.log_levels = dict(log_levels)
-        self.subscriptions = {token: set(uris) for token, uris in subscriptions.items()}
+        """A share of the master's tables (control.SnapshotPart): added to what this worker has."""
+        self.log_levels.update(log_levels)
+        for token, uris in subscriptions.items():
+            self.subscriptions.setdefault(token, set()).update(uris)
         for nonce in ended:
             self.revoked.setdefault(nonce, time.time() + self.max_age)
         for session in self.sessions.values():

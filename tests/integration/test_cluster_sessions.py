@@ -138,6 +138,36 @@ def test_a_session_outlives_the_worker_that_created_it_with_its_log_level_and_su
     close_all(held, gets)
 
 
+SESSIONS = 3000  # with a log level each: ~300 KB of tables, more than a control datagram (128 KB) holds
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_started_under_thousands_of_sessions_gets_all_their_tables(cluster: Cluster) -> None:
+    """The master hands a new worker the session tables in parts: 3,000 sessions with a log level, a
+    subscription and an ended one reach a replacement worker whole (they used to be one message, too
+    large to send, and the new worker served every session at the default level, ended ones included)."""
+    pids = sorted(cluster.worker_pids())
+    held = connect_to_workers(cluster.url, {pids[0]})
+    quiet = [initialize(held[pids[0]]) for _ in range(SESSIONS)]
+    for n, session in enumerate(quiet, 1):
+        assert session_call(held[pids[0]], session, "logging/setLevel", {"level": "error"}, n) == {}
+    assert session_call(held[pids[0]], quiet[-1], "resources/subscribe", {"uri": WATCHED}) == {}
+    ended = initialize(held[pids[0]])
+    assert held[pids[0]].request("DELETE", {"mcp-session-id": ended, "mcp-protocol-version": HANDSHAKE_VERSION}) \
+        .status == 200
+    replacement = kill_worker(cluster, pids[1])
+    fresh = connect_to_workers(cluster.url, {replacement})
+    http = fresh[replacement]
+    assert [log_lines(http, session) for session in (quiet[0], quiet[SESSIONS // 2], quiet[-1])] == [[], [], []]
+    assert_not_found(refused(http, ended))
+    events = get_stream(http, quiet[-1])
+    trigger_update(held[pids[0]], quiet[0])
+    assert next_message(events)[1] == {"jsonrpc": "2.0", "method": "notifications/resources/updated",
+                                       "params": {"uri": WATCHED}}
+    assert "undecodable control message" not in cluster.process.output()
+    close_all(held, fresh)
+
+
 @pytest.mark.timeout(90)
 def test_resuming_a_stream_of_a_dead_worker_never_replays_another_streams_events(cluster: Cluster) -> None:
     """The replacement of a dead worker serves the same slot: its ids must not repeat its predecessor's,
