@@ -59,6 +59,7 @@ class Bus:
         self.log_levels: OrderedDict[str, str] = OrderedDict()
         self.subscriptions: OrderedDict[str, set[str]] = OrderedDict()
         self.ended: dict[bytes, float] = {}
+        self._next_prune = 0.0  # of `ended`
         self.published = 0
         self.woken: dict[int, tuple[int, float]] = {}  # pid -> (sequence, monotonic time) of its last Wake
 
@@ -185,9 +186,15 @@ class Bus:
             self.ended[event.nonce] = event.expires
             self.log_levels.pop(event.session, None)
             self.subscriptions.pop(event.session, None)
-            wall = time.time()
-            for nonce in [n for n, until in self.ended.items() if until < wall]:
-                del self.ended[nonce]
+            # Ended sessions stay a day (until their tokens expire anyway): pruned once a minute, not on
+            # every end, which was a pass over all of them per DELETE (seconds of master time per
+            # second at a hundred session ends a second, after an hour).
+            now = time.monotonic()
+            if now >= self._next_prune:
+                self._next_prune = now + 60.0
+                wall = time.time()
+                for nonce in [n for n, until in self.ended.items() if until < wall]:
+                    del self.ended[nonce]
 
     def _owner(self, tag: str) -> Proc | None:
         """`<host id>w<slot><lane>` -> the live process in that lane of this host."""

@@ -35,6 +35,7 @@ from mcpherd.worker.sse import EventStream
 log = logging.getLogger("mcpherd.worker")
 
 HANDSHAKE_VERSIONS = ("2025-03-26", "2025-06-18", "2025-11-25")
+EXPIRE_EVERY_S = 10.0  # how often idle sessions are looked for (the idle timeout is half an hour)
 _TOKEN = struct.Struct(">16sIBH")  # session nonce, issued (unix s), version index, capability bits
 _CAPABILITY_BITS = ("sampling", "elicitation", "roots", "elicitation.form", "elicitation.url",
                     "sampling.tools", "sampling.context", "roots.listChanged")
@@ -135,6 +136,7 @@ class SessionStore:
         self._counter = time.time_ns() // 1000
         self.mirror: Any = None  # StreamMirror when hosts share Redis
         self._next_table_prune = 0.0
+        self._next_expire = 0.0
         self.full_since = 0.0  # when `max_sessions` was first reached (logged once)
 
     def next_id(self, kind: str) -> str:
@@ -273,16 +275,23 @@ class SessionStore:
         Idle here is not idle everywhere (the client may be talking to other workers), so this only
         forgets: the token stays valid until DELETE or `max_age`, and a later request here
         rebuilds the session from the token and the cluster tables.
+
+        Called every second, it looks at the sessions every EXPIRE_EVERY_S and at the token tables
+        every minute: each look is a pass over up to `max_sessions` (or a day of ended sessions), too
+        much to pay every second for timeouts of half an hour and a day.
         """
         now, wall = time.monotonic(), time.time()
+        if now < self._next_expire:
+            return 0
+        self._next_expire = now + EXPIRE_EVERY_S
         idle = [s for s in self.sessions.values()
                 if now - s.last_seen > self.idle_timeout and not s.pending and _no_live_streams(s)]
         for session in idle:
             del self.sessions[session.token]
-        for nonce in [n for n, until in self.revoked.items() if until < wall]:
-            del self.revoked[nonce]
         if now >= self._next_table_prune:
             self._next_table_prune = now + 60.0
+            for nonce in [n for n, until in self.revoked.items() if until < wall]:
+                del self.revoked[nonce]
             for table in (self.log_levels, self.subscriptions):
                 for token in [t for t in table if (self.nonce_and_expiry(t) or (b"", 0.0))[1] < wall]:
                     del table[token]

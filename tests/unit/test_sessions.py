@@ -174,3 +174,15 @@ def test_a_session_gets_a_cluster_table_entry_only_once_it_subscribes() -> None:
     assert store.subscriptions == {quiet[0].token: {"test://a"}} and quiet[0].subscriptions == {"test://a"}
     store.sessions.clear()  # forgotten here (idle, or to make room)
     assert store.lookup(quiet[0].token, "").subscriptions == {"test://a"}
+
+
+def test_idle_sessions_are_looked_for_every_ten_seconds_not_on_every_sweep() -> None:
+    store = SessionStore(SECRET, "w0", idle_timeout=0.05)
+    store.create("2025-11-25", {}, "", {})
+    time.sleep(0.06)
+    assert store.expire() == 1  # the first look
+    store.create("2025-11-25", {}, "", {})
+    time.sleep(0.06)
+    assert store.expire() == 0 and len(store.sessions) == 1  # idle too, but the next look is 10 s away
+    store._next_expire = 0.0  # ... and comes
+    assert store.expire() == 1 and store.sessions == {}
