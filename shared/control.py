@@ -25,6 +25,11 @@ Worker -> master
     Handoff + fd  route this connection (and the request bytes already read) to `owner`
 
 A worker whose channel reaches end-of-file (the master died) stops as if told Stop.
+
+Any message larger than CHUNK_BYTES (a client's answer of an image, forwarded between workers or hosts)
+travels as consecutive `Chunk`s: a datagram holds at most MAX_DATAGRAM, and the send buffer little more.
+`Sender` splits, `Receiver` joins; the pieces of one message are never interleaved with another's,
+since a channel has one sender, whose queue keeps order.
 """
 
 from __future__ import annotations
@@ -185,9 +190,16 @@ class RedisPing(msgspec.Struct, tag=True):
     slowest_s: float  # the slowest of the bridge's recent PING round trips (bridge.SLOW_WINDOW of them)
 
 
+class Chunk(msgspec.Struct, tag=True):
+    data: bytes  # a piece of an encoded message
+    more: bool  # False on the last piece
+
+
 Message = (Stop | Retire | ReopenLogs | Wake | SnapshotPart | Snapshot | Published | Deliver | Adopt | Hello | Applied
            | Publish | Forward | Handoff | Outbound | Inbound | RemoteForward | RemoteDeliver | L2Invalidate
-           | L2Done | RedisState | RedisPing)
+           | L2Done | RedisState | RedisPing | Chunk)
+CHUNK_BYTES = 48 * 1024
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # a request body is at most a few MiB: anything past this is a broken peer
 _encoder = msgspec.msgpack.Encoder()
 _decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(Message)
 
@@ -205,8 +217,9 @@ class Sender:
     A SEQPACKET pair holds what fits in the sender's send buffer (net.core.wmem_default, 208 KiB), and
     every message is charged its kernel overhead too (~760 bytes): a few hundred small messages (278 of
     40 bytes here). A burst while the reader is busy or descheduled (acknowledgements, publishes, events
-    from other hosts) would otherwise fail with EAGAIN and be lost. What does not fit waits here; `watch(True)` asks the sender's loop to call
-    `drain` when the channel has room, `watch(False)` says nothing waits any more. `send` is False only
+    from other hosts) would otherwise fail with EAGAIN and be lost. What does not fit waits here;
+    `watch(True)` asks the sender's loop to call `drain` when the channel has room, `watch(False)` says
+    nothing waits any more. `send` is False only
     when the peer is gone or has stopped reading altogether (`limit` messages waiting).
     """
 
@@ -229,6 +242,13 @@ class Sender:
 
     def send(self, message: Any) -> bool:
         data = _encoder.encode(message)
+        if len(data) <= CHUNK_BYTES:
+            return self._send(data)
+        pieces = range(0, len(data), CHUNK_BYTES)
+        return all(self._send(_encoder.encode(Chunk(data[start:start + CHUNK_BYTES], start + CHUNK_BYTES < len(data))))
+                   for start in pieces)
+
+    def _send(self, data: bytes) -> bool:
         if not self.waiting:
             try:
                 self.sock.send(data)
@@ -281,3 +301,38 @@ def receive(sock: socket.socket) -> tuple[Any, int | None] | None:
         for fd in fds:
             socket.close(fd)
         raise ValueError(f"undecodable control message ({len(data)} bytes)") from None
+
+
+class Receiver:
+    """`receive` for one channel, with messages that came as `Chunk`s joined again."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.pieces: list[bytes] = []
+        self.size = 0
+
+    def receive(self) -> tuple[Any, int | None] | None:
+        """As `receive`: BlockingIOError also while only some pieces of a message have arrived."""
+        while True:
+            received = receive(self.sock)
+            if received is None:
+                return None
+            message, fd = received
+            if not isinstance(message, Chunk):
+                self._drop()  # a sender that died between pieces: what came of it is useless
+                return received
+            self.pieces.append(message.data)
+            self.size += len(message.data)
+            if self.size > MAX_MESSAGE_BYTES:
+                self._drop()
+                raise ValueError(f"chunked control message past {MAX_MESSAGE_BYTES} bytes")
+            if not message.more:
+                data = b"".join(self.pieces)
+                self._drop()
+                try:
+                    return _decoder.decode(data), None
+                except msgspec.DecodeError:
+                    raise ValueError(f"undecodable chunked control message ({len(data)} bytes)") from None
+
+    def _drop(self) -> None:
+        self.pieces, self.size = [], 0

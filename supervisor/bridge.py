@@ -122,6 +122,7 @@ class Bridge:
         self.pings: deque[float] = deque()  # when each unanswered PING left (answers come in order)
         self.outbox: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
         self.sender = control.Sender.on_loop(self.loop, channel)  # a burst of remote events must not be lost
+        self.receiver = control.Receiver(channel)
         self.ignored: set[str] = set()  # why messages from Redis were dropped (each warned about once)
 
     async def run(self) -> None:
@@ -229,7 +230,7 @@ class Bridge:
     def _readable(self) -> None:
         while True:
             try:
-                received = control.receive(self.channel)
+                received = self.receiver.receive()
             except BlockingIOError:
                 return
             except (ValueError, OSError):

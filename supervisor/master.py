@@ -434,7 +434,8 @@ class Master:
         pid = fork_worker(launch)
         worker_end.close()
         sender = control.Sender(master_end, lambda writable: self._watch_channel(proc, writable))
-        proc = Proc(pid, slot.index, lane, generation, slot.cpu, master_end, sender, cell, time.monotonic(),
+        proc = Proc(pid, slot.index, lane, generation, slot.cpu, master_end, sender, control.Receiver(master_end), cell,
+                    time.monotonic(),
                     request_limit=policy.recycle_limit(self.config.max_requests, self.config.max_requests_jitter,
                                                        self.rng))
         self.selector.register(master_end, selectors.EVENT_READ, lambda: self._channel_ready(proc))
@@ -468,7 +469,7 @@ class Master:
     def _channel_readable(self, proc: Proc) -> None:
         while True:
             try:
-                received = control.receive(proc.channel)
+                received = proc.receiver.receive()
             except (BlockingIOError, InterruptedError):
                 return
             except (ValueError, OSError) as exc:

@@ -38,6 +38,7 @@ class RedisLink:
         self.pid = 0
         self.channel: Any = None
         self.sender: control.Sender | None = None  # to the bridge, in order; waits while the channel is full
+        self.receiver: control.Receiver | None = None
         self.killed = 0  # the bridge pid last killed for not reading its channel
         self.up = False
         self.was_down = False
@@ -62,6 +63,7 @@ class RedisLink:
         bridge_end.close()
         self.channel = master_end
         self.sender = control.Sender(master_end, self._watch)
+        self.receiver = control.Receiver(master_end)
         self.master.selector.register(master_end, selectors.EVENT_READ, self._ready)
         log.info("redis bridge %d started (host id %s)", self.pid, self.host)
 
@@ -153,9 +155,9 @@ class RedisLink:
 
     # -- incoming ------------------------------------------------------------------------------
     def _readable(self) -> None:
-        while self.channel is not None:
+        while self.channel is not None and self.receiver is not None:
             try:
-                received = control.receive(self.channel)
+                received = self.receiver.receive()
             except BlockingIOError:
                 return
             except (ValueError, OSError) as exc:
@@ -223,3 +225,4 @@ class RedisLink:
             self.channel.close()
             self.channel = None
             self.sender = None  # what waited for the bridge is lost with it: its return resynchronises
+            self.receiver = None

@@ -36,6 +36,7 @@ class Proc:
     cpu: int
     channel: socket.socket  # the master's end of the control channel
     sender: control.Sender  # sends on `channel`, keeping what does not fit until it has room
+    receiver: control.Receiver  # reads `channel`, joining chunked messages
     cell: layout.Cell
     spawned_at: float  # monotonic seconds
     state: State = State.SPAWNING

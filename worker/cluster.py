@@ -45,6 +45,7 @@ class Cluster:
         self.ids = itertools.count(1)
         self.on_propagation: Callable[[float], None] | None = None
         self.sender = control.Sender.on_loop(self.loop, channel) if channel is not None else None
+        self.receiver = control.Receiver(channel) if channel is not None else None
         self._set_applied(self.applied)
 
     @property
@@ -99,7 +100,8 @@ class Cluster:
         assert self.channel is not None
         while True:
             try:
-                received = control.receive(self.channel)
+                assert self.receiver is not None
+                received = self.receiver.receive()
             except BlockingIOError:
                 return
             except (ValueError, OSError) as exc:

@@ -118,6 +118,26 @@ def test_an_answer_posted_to_another_worker_reaches_the_worker_that_asked(cluste
         http.close()
 
 
+@pytest.mark.timeout(60)
+def test_an_answer_larger_than_a_control_datagram_reaches_the_worker_that_asked(cluster: Cluster) -> None:
+    """A sampling answer of 300 KB (an image, say) posted to another worker: it crosses the master in
+    pieces (a control datagram holds 128 KB) and reaches the asking tool whole. It used to be dropped
+    with the client told 202, and the tool waited for ever."""
+    pids = sorted(cluster.worker_pids())
+    held = connect_to_workers(cluster.url, {pids[0], pids[1]})
+    session = initialize(held[pids[0]], capabilities={"sampling": {}})
+    events = open_stream(held[pids[0]], "POST", mcp_headers(session),
+                         rpc_body("tools/call", {"name": "test_sampling", "arguments": {"prompt": "Describe it"}}, 7))
+    _, request = next_message(events)
+    text = "".join(chr(0x41 + i % 26) for i in range(300_000))
+    answer = {"role": "assistant", "content": {"type": "text", "text": text}, "model": "m", "stopReason": "endTurn"}
+    assert held[pids[1]].request("POST", mcp_headers(session), _response(request["id"], answer)).status == 202
+    _, result = next_message(events)
+    assert result["id"] == 7 and tool_text(result["result"]) == f"LLM response: {text}"
+    for http in held.values():
+        http.close()
+
+
 def _response(request_id: object, result: dict[str, Any]) -> bytes:
     return json.dumps({"jsonrpc": "2.0", "id": request_id, "result": result}).encode()
 

@@ -222,6 +222,24 @@ def test_a_session_initialized_on_a_serves_calls_and_sampling_answers_on_b(hosts
     on_b.close()
 
 
+@pytest.mark.timeout(60)
+def test_an_answer_larger_than_a_control_datagram_crosses_hosts(hosts: Hosts) -> None:
+    """300 KB of sampling answer posted to B for a request A asked: B's worker, B's master, B's bridge,
+    Redis, A's bridge, A's master, A's worker, each channel hop in pieces."""
+    on_a, on_b = RawHttp(hosts.a.url), RawHttp(hosts.b.url)
+    session = initialize(on_a, capabilities=SAMPLING)
+    events = open_stream(on_a, "POST", mcp_headers(session),
+                         rpc_body("tools/call", {"name": "test_sampling", "arguments": {"prompt": "Describe it"}}, 7))
+    _, request = next_message(events)
+    text = "".join(chr(0x61 + i % 26) for i in range(300_000))
+    answer = {"role": "assistant", "content": {"type": "text", "text": text}, "model": "m", "stopReason": "endTurn"}
+    assert on_b.request("POST", mcp_headers(session), answer_body(request["id"], answer)).status == 202
+    _, result = next_message(events)
+    assert result["id"] == 7 and tool_text(result["result"]) == f"LLM response: {text}"
+    on_a.close()
+    on_b.close()
+
+
 def answer_body(request_id: Any, result: dict[str, Any]) -> bytes:
     return json.dumps({"jsonrpc": "2.0", "id": request_id, "result": result}).encode()
 
