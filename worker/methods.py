@@ -188,15 +188,21 @@ class Methods:
         return {}
 
     def subscribe(self, call: Any) -> dict[str, Any]:
-        uri = params_of(call, ReadParams).uri
-        call.endpoint.sessions.set_subscription(call.session.token, uri, True)  # kept past a rebuild
-        self._share(call, events.Subscribe(call.session.token, uri, True))
-        return {}
+        return self._subscription(call, True)
 
     def unsubscribe(self, call: Any) -> dict[str, Any]:
+        return self._subscription(call, False)
+
+    def _subscription(self, call: Any, on: bool) -> dict[str, Any]:
         uri = params_of(call, ReadParams).uri
-        call.endpoint.sessions.set_subscription(call.session.token, uri, False)
-        self._share(call, events.Subscribe(call.session.token, uri, False))
+        event = events.Subscribe(call.session.token, uri, on)
+        try:
+            events.encode(event)  # every worker must learn of it, in one entry of the event ring
+        except ValueError:
+            raise rpc.RpcError(rpc.INVALID_PARAMS, f"Invalid params: uri is too long to subscribe to "
+                                                   f"({len(uri.encode())} bytes; at most ~900)") from None
+        call.endpoint.sessions.set_subscription(call.session.token, uri, on)  # kept past a rebuild
+        self._share(call, event)
         return {}
 
     def _share(self, call: Any, event: Any) -> None:

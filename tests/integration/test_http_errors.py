@@ -111,6 +111,10 @@ def test_invalid_params_name_the_field(worker: str) -> None:
         for request_id, (params, message) in enumerate(cases, 1):
             reply = http.request("POST", mcp_headers(session), rpc_body("tools/call", params, request_id))
             assert error_of(reply) == (200, request_id, -32602, message)
+        long_uri = "test://" + "x" * 2000  # every worker must learn of a subscription: it must fit an event
+        subscribe = http.request("POST", mcp_headers(session), rpc_body("resources/subscribe", {"uri": long_uri}, 8))
+        assert error_of(subscribe) == (200, 8, -32602, "Invalid params: uri is too long to subscribe to "
+                                                       "(2007 bytes; at most ~900)")
         level = http.request("POST", mcp_headers(session), rpc_body("logging/setLevel", {"level": "loud"}, 9))
         assert error_of(level) == (200, 9, -32602, "Invalid params: unknown log level 'loud'")
         cursor = http.request("POST", mcp_headers(session), rpc_body("tools/list", {"cursor": "bm9wZQ=="}, 10))
