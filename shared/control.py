@@ -70,13 +70,14 @@ class SnapshotPart(msgspec.Struct, tag=True):
 class Snapshot(msgspec.Struct, tag=True):
     seq: int
     redis_trusted: bool = True  # the last events.RedisTrust this host published
+    revoked_before: float = 0.0  # every session token issued at or before this is ended (shared/revocations.py)
 
 
 SNAPSHOT_PART_BYTES = 32 * 1024  # a datagram holds MAX_DATAGRAM (128 KiB); the tables can hold megabytes
 
 
 def snapshot(seq: int, log_levels: dict[str, str], subscriptions: dict[str, set[str]], ended: list[bytes],
-             redis_trusted: bool) -> list[SnapshotPart | Snapshot]:
+             revoked_before: float, redis_trusted: bool) -> list[SnapshotPart | Snapshot]:
     """The session tables for a new worker as parts of at most ~SNAPSHOT_PART_BYTES each, then the end.
 
     One message could not carry them: ~2,000 sessions with a log level fill a datagram, and a new worker
@@ -103,7 +104,7 @@ def snapshot(seq: int, log_levels: dict[str, str], subscriptions: dict[str, set[
         room(len(nonce) + 8).ended.append(nonce)
     if size:
         parts.append(part)
-    return [*parts, Snapshot(seq, redis_trusted)]
+    return [*parts, Snapshot(seq, redis_trusted, revoked_before)]
 
 
 class Published(msgspec.Struct, tag=True):

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from mcpherd.shared import control, events, layout
+from mcpherd.shared.revocations import SESSION_MAX_AGE_S, Revocations
 from mcpherd.supervisor.slots import Proc, State
 
 if TYPE_CHECKING:
@@ -58,8 +59,7 @@ class Bus:
         self.tool_names: dict[int, list[str]] = {}  # pid -> tool names (metric labels)
         self.log_levels: OrderedDict[str, str] = OrderedDict()
         self.subscriptions: OrderedDict[str, set[str]] = OrderedDict()
-        self.ended: dict[bytes, float] = {}
-        self._next_prune = 0.0  # of `ended`
+        self.ended = Revocations(SESSION_MAX_AGE_S)
         self.published = 0
         self.woken: dict[int, tuple[int, float]] = {}  # pid -> (sequence, monotonic time) of its last Wake
 
@@ -75,7 +75,8 @@ class Bus:
             if self.master.metrics is not None:
                 self.master.metrics.set_tool_names(layout.lane_index(proc.slot, proc.lane), message.tools)
             for message in control.snapshot(self.ring.write_seq, self.log_levels, self.subscriptions,
-                                            list(self.ended), self.master.redis.workers_trust):
+                                            list(self.ended.until), self.ended.before,
+                                            self.master.redis.workers_trust):
                 self.master.send(proc, message)  # in order, queued past what the channel holds
         elif isinstance(message, control.Forward):
             if not self.master.redis.forward(message.owner, message.payload):
@@ -183,18 +184,12 @@ class Bus:
             (uris.add if event.on else uris.discard)(event.uri)
             _bound(self.subscriptions)
         elif isinstance(event, events.SessionEnded):
-            self.ended[event.nonce] = event.expires
+            self.ended.add(event.nonce, event.expires)  # bounded: see shared/revocations.py
             self.log_levels.pop(event.session, None)
             self.subscriptions.pop(event.session, None)
-            # Ended sessions stay a day (until their tokens expire anyway): pruned once a minute, not on
-            # every end, which was a pass over all of them per DELETE (seconds of master time per
-            # second at a hundred session ends a second, after an hour).
-            now = time.monotonic()
-            if now >= self._next_prune:
-                self._next_prune = now + 60.0
-                wall = time.time()
-                for nonce in [n for n, until in self.ended.items() if until < wall]:
-                    del self.ended[nonce]
+            # Pruned once a minute, not on every end: that was a pass over a day of ended sessions per
+            # DELETE (seconds of master time per second at a hundred session ends a second).
+            self.ended.prune()
 
     def _owner(self, tag: str) -> Proc | None:
         """`<host id>w<slot><lane>` -> the live process in that lane of this host."""

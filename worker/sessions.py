@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mcpherd.shared.events import MAX_TABLE_ENTRIES
+from mcpherd.shared.revocations import SESSION_MAX_AGE_S, Revocations
 from mcpherd.shared.signing import Signer, credential_digest
 from mcpherd.worker.sse import EventStream
 
@@ -119,7 +120,7 @@ class SessionStore:
     """This worker's view of the cluster's sessions. The cluster layer extends `revoked` and routing."""
 
     def __init__(self, secret: bytes, worker_tag: str, *, idle_timeout: float = 1800.0,
-                 max_age: float = 86400.0, max_streams: int = 64, max_sessions: int = 100_000) -> None:
+                 max_age: float = SESSION_MAX_AGE_S, max_streams: int = 64, max_sessions: int = 100_000) -> None:
         self._signer = Signer(secret, "session")
         self.worker_tag = worker_tag
         self.idle_timeout = idle_timeout
@@ -127,7 +128,7 @@ class SessionStore:
         self.max_streams = max_streams
         self.max_sessions = max_sessions
         self.sessions: dict[str, Session] = {}  # in the order they were made or rebuilt here
-        self.revoked: dict[bytes, float] = {}  # nonce -> when the token expires anyway
+        self.revoked = Revocations(max_age)  # ended sessions (shared/revocations.py)
         self.log_levels: dict[str, str] = {}  # token -> level, cluster-wide
         self.subscriptions: dict[str, set[str]] = {}  # token -> resource URIs, cluster-wide
         # A worker replacing a dead one in the same lane has the same tag, and ids must never repeat within
@@ -155,8 +156,15 @@ class SessionStore:
         self.log_levels.update(log_levels)
         for token, uris in subscriptions.items():
             self.subscriptions.setdefault(token, set()).update(uris)
+        expires = time.time() + self.max_age  # at the latest: the snapshot does not say
         for nonce in ended:
-            self.revoked.setdefault(nonce, time.time() + self.max_age)
+            if nonce not in self.revoked.until:
+                self._revoke(nonce, expires)
+
+    def refuse_issued_before(self, before: float) -> None:
+        """The master's watermark (control.Snapshot): tokens issued at or before it are ended."""
+        if self.revoked.raise_before(before):
+            self._end_issued_before()
         for session in self.sessions.values():
             session.log_level = self.log_levels.get(session.token, session.log_level)
             session.subscriptions = self.subscriptions.get(session.token, set())
@@ -181,7 +189,7 @@ class SessionStore:
 
     def ended(self, token: str, nonce: bytes, expires: float) -> None:
         """Another worker (or this one) ended the session: refuse its token from now on."""
-        self.revoked[nonce] = expires
+        self._revoke(nonce, expires)
         self.log_levels.pop(token, None)
         self.subscriptions.pop(token, None)
         session = self.sessions.get(token)
@@ -222,7 +230,8 @@ class SessionStore:
         if payload is None or len(payload) < _TOKEN.size:
             raise SessionError(404, "Session not found")
         nonce, issued, version_index, bits = _TOKEN.unpack_from(payload)
-        if nonce in self.revoked or time.time() - issued > self.max_age or version_index >= len(HANDSHAKE_VERSIONS):
+        if self.revoked.refuses(nonce, issued) or time.time() - issued > self.max_age \
+                or version_index >= len(HANDSHAKE_VERSIONS):
             raise SessionError(404, "Session not found")
         session = Session(token, HANDSHAKE_VERSIONS[version_index], capabilities_from_bits(bits),
                           payload[_TOKEN.size:], last_seen=time.monotonic())
@@ -257,11 +266,28 @@ class SessionStore:
                 log.info("this worker holds %d sessions: forgetting the local state of the oldest idle ones "
                          "(their ids stay valid and are rebuilt on their next request)", self.max_sessions)
 
+    def _revoke(self, nonce: bytes, expires: float) -> None:
+        if self.revoked.add(nonce, expires):
+            self._end_issued_before()
+
+    def _end_issued_before(self) -> None:
+        """The watermark rose: sessions held here that were issued before it are ended too."""
+        before = self.revoked.before
+        for session in list(self.sessions.values()):
+            ending = self.nonce_and_expiry(session.token)
+            if ending is not None and ending[1] - self.max_age <= before:
+                self.sessions.pop(session.token, None)
+                self._end(session)
+
     def terminate(self, session: Session) -> None:
         self.sessions.pop(session.token, None)
         ending = self.nonce_and_expiry(session.token)
         if ending is not None:
-            self.revoked[ending[0]] = ending[1]
+            self._revoke(*ending)
+        self._end(session)
+
+    @staticmethod
+    def _end(session: Session) -> None:
         for future in session.pending.values():
             if not future.done():
                 future.set_exception(ConnectionResetError("session terminated"))
@@ -290,8 +316,7 @@ class SessionStore:
             del self.sessions[session.token]
         if now >= self._next_table_prune:
             self._next_table_prune = now + 60.0
-            for nonce in [n for n, until in self.revoked.items() if until < wall]:
-                del self.revoked[nonce]
+            self.revoked.prune(wall)
             for table in (self.log_levels, self.subscriptions):
                 for token in [t for t in table if (self.nonce_and_expiry(t) or (b"", 0.0))[1] < wall]:
                     del table[token]

@@ -13,9 +13,9 @@ def test_large_tables_are_split_into_parts_that_fit_a_datagram_and_add_up_to_the
     subscriptions = {f"m1.{os.urandom(30).hex()}": {f"test://r/{i}/{j}" for j in range(i % 7)} for i in range(5_000)}
     subscriptions["m1.busy"] = {f"test://many/{j}" for j in range(3_000)}  # one session past a part's size
     ended = [os.urandom(16) for _ in range(30_000)]
-    messages = control.snapshot(42, levels, subscriptions, ended, False)
+    messages = control.snapshot(42, levels, subscriptions, ended, 1795000000.0, False)
     *parts, last = messages
-    assert last == control.Snapshot(42, False)
+    assert last == control.Snapshot(42, False, 1795000000.0)
     assert all(isinstance(p, control.SnapshotPart) for p in parts) and len(parts) > 10
     assert max(len(control._encoder.encode(p)) for p in parts) <= control.MAX_DATAGRAM // 2
     merged_levels: dict[str, str] = {}
@@ -33,7 +33,7 @@ def test_large_tables_are_split_into_parts_that_fit_a_datagram_and_add_up_to_the
 
 
 def test_empty_tables_are_just_the_end() -> None:
-    assert control.snapshot(0, {}, {}, [], True) == [control.Snapshot(0, True)]
+    assert control.snapshot(0, {}, {}, [], 0.0, True) == [control.Snapshot(0, True, 0.0)]
 
 
 def test_a_message_past_a_datagram_travels_in_chunks_and_arrives_whole_between_others() -> None:

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from mcpherd.shared.revocations import Revocations
 from mcpherd.shared.signing import Signer, credential_digest
 from mcpherd.worker.sessions import (
     _TOKEN,
@@ -75,7 +76,7 @@ def test_revocations_are_forgotten_once_the_token_expired_anyway() -> None:
     session = store.create("2025-11-25", {}, "", {})
     store.terminate(session)
     store.expire()
-    assert store.revoked == {}
+    assert len(store.revoked) == 0
     with pytest.raises(SessionError):
         store.lookup(session.token, "")
 
@@ -186,3 +187,39 @@ def test_idle_sessions_are_looked_for_every_ten_seconds_not_on_every_sweep() -> 
     assert store.expire() == 0 and len(store.sessions) == 1  # idle too, but the next look is 10 s away
     store._next_expire = 0.0  # ... and comes
     assert store.expire() == 1 and store.sessions == {}
+
+
+def test_revocations_past_their_bound_become_a_watermark_that_refuses_every_older_token() -> None:
+    revoked = Revocations(max_age=100.0, limit=10)
+    for n in range(10):
+        assert revoked.add(b"%016d" % n, 1000.0 + n) is False
+    assert revoked.add(b"%016d" % 10, 1010.0) is True  # the oldest tenth (one) gives way to the watermark
+    assert (len(revoked), revoked.before) == (10, 900.0)  # issued = expires - max_age
+    assert revoked.refuses(b"%016d" % 0, 900.0) and revoked.refuses(b"x" * 16, 899.0)  # gone, yet refused
+    assert not revoked.refuses(b"x" * 16, 901.0) and revoked.refuses(b"%016d" % 5, 905.0)
+    assert revoked.raise_before(850.0) is False and revoked.before == 900.0  # it never goes back
+
+
+def token_issued(seconds_ago: int) -> str:
+    payload = _TOKEN.pack(os.urandom(16), int(time.time()) - seconds_ago, 2, 0) + credential_digest("")
+    return Signer(SECRET, "session").seal(payload)
+
+
+def test_a_worker_ends_the_sessions_it_holds_that_the_watermark_now_refuses() -> None:
+    store = SessionStore(SECRET, "w0")
+    store.revoked.limit = 3
+    oldest, newer = store.lookup(token_issued(2000), ""), store.lookup(token_issued(10), "")
+    loop = asyncio.new_event_loop()
+    waiting = oldest.pending["r1"] = loop.create_future()
+    for _ in range(4):  # four sessions issued 1,000 s ago end: one more than remembered one by one
+        store.terminate(store.lookup(token_issued(1000), ""))
+    assert oldest.token not in store.sessions and isinstance(waiting.exception(), ConnectionResetError)
+    loop.close()
+    with pytest.raises(SessionError):
+        store.lookup(oldest.token, "")  # ended with them, though never DELETEd
+    assert store.lookup(newer.token, "") is newer  # issued after the watermark: untouched
+    follower = SessionStore(SECRET, "w1")  # a worker started later gets the watermark in its snapshot
+    follower.refuse_issued_before(store.revoked.before)
+    with pytest.raises(SessionError):
+        follower.lookup(oldest.token, "")
+    assert follower.lookup(newer.token, "").token == newer.token
