@@ -6,7 +6,8 @@ A response is either complete (`Response`) or a server-sent-event stream (`Event
 open until the handler ends it or the client goes away.
 
 Limits are enforced here, before the MCP layer sees a byte: header block size (431), body size (413),
-a deadline to finish sending a request (408) and an idle keep-alive timeout. They are checked by one
+a deadline to finish sending a request (408) and an idle keep-alive timeout. A client whose answers
+fill the transport's buffer is not read until it reads them (flow control). They are checked by one
 sweep per second over all connections rather than a timer per request, which costs nothing on the
 hot path.
 
@@ -167,10 +168,17 @@ class HttpConnection(asyncio.Protocol):
                 self._reject(400, f"malformed HTTP request: {exc}".encode())
 
     def pause_writing(self) -> None:
+        # Flow control, as nginx and uvicorn do it: a client that does not read its answers is not read
+        # either. Otherwise one pipelining requests without reading has the worker answer all of them
+        # into memory (160 MB for 10,000 tools/list). What stays buffered is one read's worth of answers.
         self._write_paused = True
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
         waiters, self._drain_waiters = self._drain_waiters, []
         for waiter in waiters:
             if not waiter.done():

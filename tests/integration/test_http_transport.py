@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import socket
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -102,3 +104,33 @@ def test_quiet_streams_get_keepalive_comments(spawn: Callable[..., Process]) -> 
         assert stream.read_chunk().startswith(b"id: ")  # the priming event
         assert stream.read_chunk() == b": keepalive\n\n"  # within the sweep after a second of silence
         assert stream.read_chunk() == b": keepalive\n\n"
+
+
+PIPELINED = 10_000  # tools/list requests (~16 KB answers): ~160 MB of answers for a client that reads none
+
+
+def test_a_client_that_does_not_read_its_answers_is_not_read_either(worker: str) -> None:
+    """Flow control: a client pipelining requests without reading the answers stops being read once its
+    answers fill the buffers, so the worker never holds more than a few of them in memory (it used to
+    read and answer everything, ~160 MB here, as fast as the client sent). Nothing is lost: once the
+    client reads, every answer arrives, in order."""
+    with RawHttp(worker) as http:
+        http.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        # 4 KB a request: 40 MB in all, more than the kernel's socket buffers hold between us (~10 MB)
+        request = http.build("POST", modern_headers("tools/list", x_pad="p" * 4000),
+                             rpc_body("tools/list", {"_meta": modern_meta()}))
+        sent = [0]
+
+        def send_all() -> None:
+            for _ in range(PIPELINED):
+                http.sock.sendall(request)
+                sent[0] += 1
+        sender = threading.Thread(target=send_all, daemon=True)
+        sender.start()
+        sender.join(3.0)  # long enough to send all of it, if the worker went on reading
+        assert sender.is_alive() and sent[0] < PIPELINED // 2, f"{sent[0]} requests sent to a client not reading"
+        for n in range(PIPELINED):
+            reply = http.read_reply()
+            assert reply.status == 200 and len(reply.json()["result"]["tools"]) > 10, (n, reply.status)
+        sender.join(10.0)
+        assert not sender.is_alive() and sent[0] == PIPELINED
