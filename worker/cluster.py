@@ -123,7 +123,7 @@ class Cluster:
         elif isinstance(message, control.SnapshotPart):
             self.worker.endpoint.sessions.load_tables(message.log_levels, message.subscriptions, message.ended)
         elif isinstance(message, control.Snapshot):  # after its parts
-            self.worker.endpoint.sessions.refuse_issued_before(message.revoked_before)
+            self.worker.endpoint.sessions.snapshot_loaded(message.revoked_before)
             self.trust_redis(message.redis_trusted)
             self.apply_until(max(message.seq, self.ring.write_seq if self.ring else 0))
         elif isinstance(message, control.Deliver):

@@ -161,9 +161,11 @@ class SessionStore:
             if nonce not in self.revoked.until:
                 self._revoke(nonce, expires)
 
-    def refuse_issued_before(self, before: float) -> None:
-        """The master's watermark (control.Snapshot): tokens issued at or before it are ended."""
-        if self.revoked.raise_before(before):
+    def snapshot_loaded(self, revoked_before: float) -> None:
+        """The master's snapshot is complete (control.Snapshot, after its parts): its watermark of ended
+        sessions (tokens issued at or before it are refused), and the tables applied to the sessions
+        already held here."""
+        if self.revoked.raise_before(revoked_before):
             self._end_issued_before()
         for session in self.sessions.values():
             session.log_level = self.log_levels.get(session.token, session.log_level)
