@@ -170,7 +170,7 @@ class HttpConnection(asyncio.Protocol):
     def pause_writing(self) -> None:
         # Flow control, as nginx and uvicorn do it: a client that does not read its answers is not read
         # either. Otherwise one pipelining requests without reading has the worker answer all of them
-        # into memory (160 MB for 10,000 tools/list). What stays buffered is one read's worth of answers.
+        # into memory (75 MB for 10,000 tools/list). What stays buffered is one read's worth of answers.
         self._write_paused = True
         if self.transport is not None and not self.transport.is_closing():
             self.transport.pause_reading()

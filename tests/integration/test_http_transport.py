@@ -106,13 +106,13 @@ def test_quiet_streams_get_keepalive_comments(spawn: Callable[..., Process]) -> 
         assert stream.read_chunk() == b": keepalive\n\n"
 
 
-PIPELINED = 10_000  # tools/list requests (~16 KB answers): ~160 MB of answers for a client that reads none
+PIPELINED = 10_000  # tools/list requests (~7.5 KB answers): ~75 MB of answers for a client that reads none
 
 
 def test_a_client_that_does_not_read_its_answers_is_not_read_either(worker: str) -> None:
     """Flow control: a client pipelining requests without reading the answers stops being read once its
     answers fill the buffers, so the worker never holds more than a few of them in memory (it used to
-    read and answer everything, ~160 MB here, as fast as the client sent). Nothing is lost: once the
+    read and answer everything, ~75 MB here, as fast as the client sent). Nothing is lost: once the
     client reads, every answer arrives, in order."""
     with RawHttp(worker) as http:
         http.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
