@@ -220,8 +220,8 @@ class Sender:
     40 bytes here). A burst while the reader is busy or descheduled (acknowledgements, publishes, events
     from other hosts) would otherwise fail with EAGAIN and be lost. What does not fit waits here;
     `watch(True)` asks the sender's loop to call `drain` when the channel has room, `watch(False)` says
-    nothing waits any more. `send` is False only
-    when the peer is gone or has stopped reading altogether (`limit` messages waiting).
+    nothing waits any more. `send` is False only when the peer is gone or has stopped reading
+    altogether (`limit` messages waiting).
     """
 
     def __init__(self, sock: socket.socket, watch: Callable[[bool], None], limit: int = 10_000) -> None:

@@ -201,9 +201,7 @@ class HttpConnection(asyncio.Protocol):
         if self.state is not ConnState.READING:
             self._begin()
         self._url += url
-        self._header_bytes += len(url)  # `_count_header_bytes`, inlined: once per request
-        if self._header_bytes > self._max_header_bytes and not self._rejected:
-            self._reject(431, b"request header block too large")
+        self._count_header_bytes(len(url))
 
     def on_header(self, name: bytes, value: bytes) -> None:
         # The hottest callback (every header of every request): one limit check, one dict lookup.
@@ -252,28 +250,23 @@ class HttpConnection(asyncio.Protocol):
             self._parser.should_keep_alive(),
             self,
         )
-        # Nothing ahead of it (the usual case): a synchronous answer is written at once, and the request
-        # never enters the ordering queue. Nothing can flush this connection while its handler runs (no
-        # earlier entry, no stream), so the entry is only made for an answer that is not ready yet.
-        # Otherwise it takes its place behind earlier pipelined requests first.
+        # Nothing ahead of it (the usual case): a synchronous answer can be written at once, skipping the
+        # ordering queue. Otherwise it waits its turn behind earlier pipelined requests.
         first = not self._queue and self._active_stream is None
         entry: list[ResponseLike | None] = [None]
-        if not first:
-            self._queue.append(entry)
+        self._queue.append(entry)
         try:
             result = self._handler(request)
         except Exception as exc:  # a handler bug must cost one request, never the connection loop
             result = internal_error(exc)
         if type(result) is Response:
             if first and result is not HANDED_OFF and not self.closed:
+                self._queue.pop()
                 self._write_complete(request, result)
                 return
             if result is HANDED_OFF:
                 self._let_go()
                 return
-        if first:
-            self._queue.append(entry)
-        if type(result) is Response:
             self._complete(entry, request, result)
         elif hasattr(result, "attach"):
             self._complete(entry, request, result)  # type: ignore[arg-type]
@@ -283,10 +276,7 @@ class HttpConnection(asyncio.Protocol):
 
     def _write_complete(self, request: Request, response: Response) -> None:
         """`_complete` then `_flush` for a response that is first in line, without the queue."""
-        if not request.keep_alive:  # `_finalize`, inlined: every response comes through here
-            response.close = True
-        if len(response.body) >= _GZIP_MIN_BYTES and response.content_type == "application/json":
-            gzip_if_worth_it(request, response)
+        self._finalize(request, response)
         self._write_response(response)
         if response.close:
             self._close_after_write()
