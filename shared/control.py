@@ -10,9 +10,8 @@ Master -> worker
                   new connections are already steered away from the socket)
     ReopenLogs    reopen log files (SIGUSR1)
     Wake(seq)     cluster events up to `seq` are in the shared-memory ring: apply them, then ack
-    SnapshotPart  a share of the session tables (log levels, subscriptions, ended sessions) for a new
-                  worker: as many as the tables need, each well under one datagram
-    Snapshot      the end of them, with the ring position to apply events from
+    Snapshot      session tables (log levels, subscriptions, ended sessions) for a new worker, with
+                  the ring position to apply events from (megabytes with many sessions: chunked)
     Published     your Publish(request_id) was applied by every live worker (or timed out)
     Deliver       a client's answer to one of your server-to-client requests, received elsewhere
     Adopt  + fd   a client connection handed to you (it resumes one of your streams)
@@ -61,50 +60,13 @@ class Wake(msgspec.Struct, tag=True):
     seq: int
 
 
-class SnapshotPart(msgspec.Struct, tag=True):
-    log_levels: dict[str, str] = msgspec.field(default_factory=dict)
-    subscriptions: dict[str, list[str]] = msgspec.field(default_factory=dict)
-    ended: list[bytes] = msgspec.field(default_factory=list)
-
-
 class Snapshot(msgspec.Struct, tag=True):
     seq: int
+    log_levels: dict[str, str]
+    subscriptions: dict[str, list[str]]
+    ended: list[bytes]
     redis_trusted: bool = True  # the last events.RedisTrust this host published
     revoked_before: float = 0.0  # every session token issued at or before this is ended (shared/revocations.py)
-
-
-SNAPSHOT_PART_BYTES = 32 * 1024  # a datagram holds MAX_DATAGRAM (128 KiB); the tables can hold megabytes
-
-
-def snapshot(seq: int, log_levels: dict[str, str], subscriptions: dict[str, set[str]], ended: list[bytes],
-             revoked_before: float, redis_trusted: bool) -> list[SnapshotPart | Snapshot]:
-    """The session tables for a new worker as parts of at most ~SNAPSHOT_PART_BYTES each, then the end.
-
-    One message could not carry them: ~2,000 sessions with a log level fill a datagram, and a new worker
-    whose snapshot did not arrive served every session at the default level and took ended ones back.
-    Sizes are estimated generously (every entry is small: the events that fill the tables fit a ring
-    entry, about 1 KB)."""
-    parts: list[SnapshotPart | Snapshot] = []
-    part, size = SnapshotPart(), 0
-
-    def room(n: int) -> SnapshotPart:
-        nonlocal part, size
-        if size and size + n > SNAPSHOT_PART_BYTES:
-            parts.append(part)
-            part, size = SnapshotPart(), 0
-        size += n
-        return part
-
-    for token, level in log_levels.items():
-        room(len(token) + len(level) + 16).log_levels[token] = level
-    for token, uris in subscriptions.items():
-        for uri in sorted(uris):
-            room(len(token) + len(uri) + 16).subscriptions.setdefault(token, []).append(uri)
-    for nonce in ended:
-        room(len(nonce) + 8).ended.append(nonce)
-    if size:
-        parts.append(part)
-    return [*parts, Snapshot(seq, redis_trusted, revoked_before)]
 
 
 class Published(msgspec.Struct, tag=True):
@@ -196,7 +158,7 @@ class Chunk(msgspec.Struct, tag=True):
     more: bool  # False on the last piece
 
 
-Message = (Stop | Retire | ReopenLogs | Wake | SnapshotPart | Snapshot | Published | Deliver | Adopt | Hello | Applied
+Message = (Stop | Retire | ReopenLogs | Wake | Snapshot | Published | Deliver | Adopt | Hello | Applied
            | Publish | Forward | Handoff | Outbound | Inbound | RemoteForward | RemoteDeliver | L2Invalidate
            | L2Done | RedisState | RedisPing | Chunk)
 CHUNK_BYTES = 48 * 1024

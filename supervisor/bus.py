@@ -74,10 +74,11 @@ class Bus:
             self.tool_names[proc.pid] = message.tools
             if self.master.metrics is not None:
                 self.master.metrics.set_tool_names(layout.lane_index(proc.slot, proc.lane), message.tools)
-            for message in control.snapshot(self.ring.write_seq, self.log_levels, self.subscriptions,
-                                            list(self.ended.until), self.ended.before,
-                                            self.master.redis.workers_trust):
-                self.master.send(proc, message)  # in order, queued past what the channel holds
+            # Megabytes with many sessions: the channel carries it in chunks (control.Sender).
+            self.master.send(proc, control.Snapshot(
+                self.ring.write_seq, dict(self.log_levels),
+                {token: sorted(uris) for token, uris in self.subscriptions.items() if uris},
+                list(self.ended.until), self.master.redis.workers_trust, self.ended.before))
         elif isinstance(message, control.Forward):
             if not self.master.redis.forward(message.owner, message.payload):
                 self.deliver(message.owner, message.payload)

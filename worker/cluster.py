@@ -120,10 +120,9 @@ class Cluster:
             waiter = self.waiting.pop(message.request_id, None)
             if waiter is not None and not waiter.done():
                 waiter.set_result(message.complete)
-        elif isinstance(message, control.SnapshotPart):
-            self.worker.endpoint.sessions.load_tables(message.log_levels, message.subscriptions, message.ended)
-        elif isinstance(message, control.Snapshot):  # after its parts
-            self.worker.endpoint.sessions.snapshot_loaded(message.revoked_before)
+        elif isinstance(message, control.Snapshot):
+            self.worker.endpoint.sessions.load_tables(message.log_levels, message.subscriptions, message.ended,
+                                                      message.revoked_before)
             self.trust_redis(message.redis_trusted)
             self.apply_until(max(message.seq, self.ring.write_seq if self.ring else 0))
         elif isinstance(message, control.Deliver):

@@ -151,8 +151,9 @@ class SessionStore:
 
     # -- cluster-wide tables (kept in step by cluster events; see worker/cluster.py) ------------
     def load_tables(self, log_levels: dict[str, str], subscriptions: dict[str, list[str]],
-                    ended: list[bytes]) -> None:
-        """A share of the master's tables (control.SnapshotPart): added to what this worker has."""
+                    ended: list[bytes], revoked_before: float = 0.0) -> None:
+        """The master's tables (control.Snapshot), added to what this worker has, with its watermark of
+        ended sessions (tokens issued at or before it are refused); then applied to the sessions held here."""
         self.log_levels.update(log_levels)
         for token, uris in subscriptions.items():
             self.subscriptions.setdefault(token, set()).update(uris)
@@ -160,11 +161,6 @@ class SessionStore:
         for nonce in ended:
             if nonce not in self.revoked.until:
                 self._revoke(nonce, expires)
-
-    def snapshot_loaded(self, revoked_before: float) -> None:
-        """The master's snapshot is complete (control.Snapshot, after its parts): its watermark of ended
-        sessions (tokens issued at or before it are refused), and the tables applied to the sessions
-        already held here."""
         if self.revoked.raise_before(revoked_before):
             self._end_issued_before()
         for session in self.sessions.values():

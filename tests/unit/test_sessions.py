@@ -219,7 +219,7 @@ def test_a_worker_ends_the_sessions_it_holds_that_the_watermark_now_refuses() ->
         store.lookup(oldest.token, "")  # ended with them, though never DELETEd
     assert store.lookup(newer.token, "") is newer  # issued after the watermark: untouched
     follower = SessionStore(SECRET, "w1")  # a worker started later gets the watermark in its snapshot
-    follower.snapshot_loaded(store.revoked.before)
+    follower.load_tables({}, {}, [], store.revoked.before)
     with pytest.raises(SessionError):
         follower.lookup(oldest.token, "")
     assert follower.lookup(newer.token, "").token == newer.token
