@@ -138,8 +138,9 @@ class Worker:
         self.cache = ResultCache(cell=cell)
         redis = config.redis
         tag = f"{config.host}w{config.slot}{'ab'[config.lane]}"
+        redis_name = f"mcpherd-worker-{tag}-{os.getpid()}"  # its connections, as CLIENT LIST shows them
         self.l2 = L2Cache(redis.url, redis.key_prefix, redis.socket_timeout, redis.connect_timeout,
-                          redis.max_entry_bytes, redis.max_connections, f"mcpherd-worker-{tag}-{os.getpid()}") \
+                          redis.max_entry_bytes, redis.max_connections, redis_name) \
             if redis is not None and redis.url else None
         self.endpoint = Endpoint(
             Methods(app, Invoker(self.loop, config.tool_threads), config.secret, cache=self.cache, l2=self.l2),
@@ -152,7 +153,7 @@ class Worker:
         if self.l2 is not None:
             self.endpoint.sessions.mirror = StreamMirror(
                 self.l2.client, redis.key_prefix,
-                reader_for(redis.url, redis.connect_timeout, f"mcpherd-worker-{tag}-{os.getpid()}-streams"))
+                reader_for(redis.url, redis.connect_timeout, f"{redis_name}-streams"))
         self.cluster = Cluster(self, channel, segment, tag)
         self.endpoint.cluster = self.cluster
         self.recorder = Recorder(cell, list(app.tools)) if cell is not None and config.metrics else None
