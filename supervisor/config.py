@@ -14,6 +14,8 @@ stays). Example:
     max_rss_mb = 0              # recycle a worker above this resident size (0: never)
     max_sessions = 100000       # per worker: sessions whose local state it holds; past it the oldest
                                 # idle ones are forgotten (their ids stay valid and are rebuilt)
+    resume_buffer_mb = 64       # per worker: SSE events kept for Last-Event-ID; past it the oldest
+                                # events of the streams quiet longest are let go
 
     metrics_bind = "127.0.0.1:9464"   # Prometheus /metrics; "off" disables
     admin_socket = ""           # default: $RUNTIME_DIRECTORY, $XDG_RUNTIME_DIR or /tmp/mcpherd-<uid>
@@ -116,6 +118,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_rss_mb: int = 0
     tool_threads: int = 32
     max_sessions: int = 100_000  # per worker: sessions whose local state it holds (~1 KB each); ids stay valid
+    resume_buffer_mb: int = 64  # per worker: what its SSE streams keep for resumption (worker/sessions.py)
     allowed_hosts: list[str] = msgspec.field(default_factory=list)
     allowed_origins: list[str] = msgspec.field(default_factory=list)
     secret_file: str = ""
@@ -144,6 +147,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ValueError("app must look like module:attribute")
         if self.max_sessions < 1:
             raise ValueError("max_sessions must be at least 1")
+        if self.resume_buffer_mb < 1:
+            raise ValueError("resume_buffer_mb must be at least 1")
         if self.metrics_bind != "off":
             parse_bind(self.metrics_bind)
 

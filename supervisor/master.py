@@ -446,7 +446,7 @@ class Master:
         return WorkerConfig(app=c.app, slot=slot.index, lane=lane, generation=generation, secret=self.secret,
                             host=self.host_id, redis=c.redis, metrics=c.metrics_bind != "off",
                             tool_threads=c.tool_threads, graceful_timeout=c.graceful_timeout,
-                            max_sessions=c.max_sessions,
+                            max_sessions=c.max_sessions, resume_buffer_mb=c.resume_buffer_mb,
                             allowed_hosts=list(c.allowed_hosts), allowed_origins=list(c.allowed_origins))
 
     def send(self, proc: Proc, message: control.Message) -> bool:

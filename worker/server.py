@@ -61,6 +61,7 @@ class WorkerConfig:
     graceful_timeout: float = 30.0
     session_idle_timeout: float = 1800.0
     max_sessions: int = 100_000  # sessions whose local state one worker holds (sessions.py)
+    resume_buffer_mb: int = 64  # what its SSE streams keep for Last-Event-ID, all sessions together
     allowed_hosts: list[str] = field(default_factory=list)  # added to loopback and the bind address
     allowed_origins: list[str] = field(default_factory=list)  # added to the loopback origins
     limits: HttpLimits = field(default_factory=HttpLimits)
@@ -145,7 +146,7 @@ class Worker:
         self.endpoint = Endpoint(
             Methods(app, Invoker(self.loop, config.tool_threads), config.secret, cache=self.cache, l2=self.l2),
             SessionStore(config.secret, tag, idle_timeout=config.session_idle_timeout,
-                         max_sessions=config.max_sessions),
+                         max_sessions=config.max_sessions, resume_buffer_bytes=config.resume_buffer_mb << 20),
             AllowList(default_hosts(bind_hosts) + config.allowed_hosts),
             AllowList(list(loopback_origins()) + config.allowed_origins),
             config.path,

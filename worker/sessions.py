@@ -36,6 +36,8 @@ from mcpherd.worker.sse import EventStream
 log = logging.getLogger("mcpherd.worker")
 
 HANDSHAKE_VERSIONS = ("2025-03-26", "2025-06-18", "2025-11-25")
+MAX_LOG_EVENTS = 1024  # per stream, as the Redis copy (stream_mirror.py)
+EVENT_OVERHEAD_BYTES = 128  # what a held event costs beyond its data: its tuple, bytes object and number
 EXPIRE_EVERY_S = 10.0  # how often idle sessions are looked for (the idle timeout is half an hour)
 _TOKEN = struct.Struct(">16sIBH")  # session nonce, issued (unix s), version index, capability bits
 _CAPABILITY_BITS = ("sampling", "elicitation", "roots", "elicitation.form", "elicitation.url",
@@ -65,25 +67,47 @@ def capabilities_from_bits(bits: int) -> dict[str, Any]:
 
 @dataclass(slots=True)
 class StreamLog:
-    """The events of one SSE stream, kept so that a client can resume it with Last-Event-ID."""
+    """The events of one SSE stream, kept so that a client can resume it with Last-Event-ID.
+
+    At most MAX_LOG_EVENTS, and whatever the worker's `ReplayBudget` lets it keep: the oldest go first.
+    `dropped_through` remembers how far that went, so that a resumption from before it is known to be
+    partial rather than silently so.
+    """
 
     stream_id: str
-    events: deque[tuple[int, bytes]] = field(default_factory=lambda: deque(maxlen=1024))
+    events: deque[tuple[int, bytes]] = field(default_factory=deque)
     next_seq: int = 1
     live: EventStream | None = None  # the connection currently receiving it, if any
     done: bool = False  # the request it answers has finished: nothing more will be appended
     mirror: Callable[[int, bytes | None], None] | None = None  # copy for other hosts (stream_mirror.py)
+    budget: ReplayBudget | None = None
+    size: int = 0  # bytes held, as the budget counts them (event_cost)
+    dropped_through: int = 0  # the last sequence number no longer held; 0 while none was let go
 
     def append(self, data: bytes) -> str:
         seq = self.next_seq
         self.next_seq += 1
         self.events.append((seq, data))
+        grown = event_cost(data)
+        self.size += grown
+        if len(self.events) > MAX_LOG_EVENTS:
+            grown -= self.drop_oldest()
         if self.mirror is not None:
             self.mirror(seq, data)
         event_id = f"{self.stream_id}.{seq}"
         if self.live is not None and not self.live.send(data, event_id):
             self.live = None
+        if self.budget is not None:
+            self.budget.grew(self, grown)
         return event_id
+
+    def drop_oldest(self) -> int:
+        """Let the oldest event go; what it cost."""
+        seq, data = self.events.popleft()
+        self.dropped_through = seq
+        cost = event_cost(data)
+        self.size -= cost
+        return cost
 
     def finish(self) -> None:
         self.done = True
@@ -92,6 +116,62 @@ class StreamLog:
 
     def replay_after(self, seq: int) -> list[tuple[str, bytes]]:
         return [(f"{self.stream_id}.{s}", d) for s, d in self.events if s > seq]
+
+    def missing_after(self, seq: int) -> int:
+        """How many events that followed `seq` are no longer held (a replay from `seq` lacks them)."""
+        return max(0, self.dropped_through - seq)
+
+
+def event_cost(data: bytes) -> int:
+    return len(data) + EVENT_OVERHEAD_BYTES
+
+
+class ReplayBudget:
+    """The bytes all of one worker's stream logs hold for resumption, bounded as one pool.
+
+    Every log is also bounded on its own (MAX_LOG_EVENTS, `max_streams` per session), but a session's GET
+    stream gets every list-changed or resource-updated notification, and `max_sessions` sessions times
+    64 logs times 1,024 events is far more than any worker has. Past `max_bytes` the oldest events of the
+    logs appended to least recently are let go first: a stream that went quiet long ago is the one least
+    likely to be resumed, and within a stream its result is its last event, the last to go.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.held = 0
+        self._logs: OrderedDict[int, StreamLog] = OrderedDict()  # by id(), least recently appended to first
+        self.full_since = 0.0  # when the budget first let an event go (logged once)
+
+    def grew(self, log_: StreamLog, by: int) -> None:
+        self.held += by
+        key = id(log_)
+        if key in self._logs:
+            self._logs.move_to_end(key)
+        else:
+            self._logs[key] = log_
+        if self.held > self.max_bytes:
+            self._trim()
+
+    def release(self, log_: StreamLog) -> None:
+        """The log can no longer be resumed (its session or its stream was let go): its bytes are free."""
+        if self._logs.pop(id(log_), None) is not None:
+            self.held -= log_.size
+        log_.events.clear()
+        log_.size = 0
+        log_.dropped_through = log_.next_seq - 1
+
+    def _trim(self) -> None:
+        if not self.full_since:
+            self.full_since = time.monotonic()
+            log.warning("the streams this worker keeps for resumption hold %d MiB (resume_buffer_mb): the oldest "
+                        "events of the streams quiet longest are let go, and resuming one of those replays only "
+                        "what is left", self.max_bytes >> 20)
+        logs = self._logs
+        while self.held > self.max_bytes and logs:
+            key, oldest = next(iter(logs.items()))
+            self.held -= oldest.drop_oldest()
+            if not oldest.events:
+                del logs[key]
 
 
 @dataclass(slots=True)
@@ -120,7 +200,8 @@ class SessionStore:
     """This worker's view of the cluster's sessions. The cluster layer extends `revoked` and routing."""
 
     def __init__(self, secret: bytes, worker_tag: str, *, idle_timeout: float = 1800.0,
-                 max_age: float = SESSION_MAX_AGE_S, max_streams: int = 64, max_sessions: int = 100_000) -> None:
+                 max_age: float = SESSION_MAX_AGE_S, max_streams: int = 64, max_sessions: int = 100_000,
+                 resume_buffer_bytes: int = 64 << 20) -> None:
         self._signer = Signer(secret, "session")
         self.worker_tag = worker_tag
         self.idle_timeout = idle_timeout
@@ -128,6 +209,7 @@ class SessionStore:
         self.max_streams = max_streams
         self.max_sessions = max_sessions
         self.sessions: dict[str, Session] = {}  # in the order they were made or rebuilt here
+        self.replay = ReplayBudget(resume_buffer_bytes)
         self.revoked = Revocations(max_age)  # ended sessions (shared/revocations.py)
         self.log_levels: dict[str, str] = {}  # token -> level, cluster-wide
         self.subscriptions: dict[str, set[str]] = {}  # token -> resource URIs, cluster-wide
@@ -259,7 +341,9 @@ class SessionStore:
             session = self.sessions.pop(next(iter(self.sessions)))
             if session.pending or not _no_live_streams(session):
                 self.sessions[session.token] = session
-            elif not self.full_since:
+                continue
+            self._release_logs(session)
+            if not self.full_since:
                 self.full_since = time.monotonic()
                 log.info("this worker holds %d sessions: forgetting the local state of the oldest idle ones "
                          "(their ids stay valid and are rebuilt on their next request)", self.max_sessions)
@@ -284,14 +368,21 @@ class SessionStore:
             self._revoke(*ending)
         self._end(session)
 
-    @staticmethod
-    def _end(session: Session) -> None:
+    def _end(self, session: Session) -> None:
         for future in session.pending.values():
             if not future.done():
                 future.set_exception(ConnectionResetError("session terminated"))
-        for log in list(session.streams.values()):
-            if log.live is not None:
-                log.live.end()
+        for log_ in list(session.streams.values()):
+            if log_.live is not None:
+                log_.live.end()
+        self._release_logs(session)
+
+    def _release_logs(self, session: Session) -> None:
+        """The session's local state is let go: so are its streams' events, kept for resumption."""
+        for log_ in session.streams.values():
+            self.replay.release(log_)
+        if session.get_stream is not None:
+            self.replay.release(session.get_stream)
 
     def expire(self) -> int:
         """Free the local state of sessions idle here; forget what concerns tokens expired anyway.
@@ -312,6 +403,7 @@ class SessionStore:
                 if now - s.last_seen > self.idle_timeout and not s.pending and _no_live_streams(s)]
         for session in idle:
             del self.sessions[session.token]
+            self._release_logs(session)
         if now >= self._next_table_prune:
             self._next_table_prune = now + 60.0
             self.revoked.prune(wall)
@@ -321,7 +413,7 @@ class SessionStore:
         return len(idle)
 
     def open_stream(self, session: Session, kind: str = "s") -> StreamLog:
-        log = StreamLog(self.next_id(kind))
+        log = StreamLog(self.next_id(kind), budget=self.replay)
         if self.mirror is not None:
             log.mirror = functools.partial(self.mirror.record, session.token, log.stream_id)
         session.streams[log.stream_id] = log
@@ -331,7 +423,10 @@ class SessionStore:
             # matters, since a session's GET stream is usually its oldest and lives as long as it does.
             evictable = [i for i, s in session.streams.items() if s.done or s.live is None]
             for stream_id in evictable[:excess]:
-                del session.streams[stream_id]
+                evicted = session.streams.pop(stream_id)
+                self.replay.release(evicted)
+                if session.get_stream is evicted:  # not connected: the next GET opens a new one
+                    session.get_stream = None
         return log
 
 

@@ -71,8 +71,11 @@ class StreamMirror:
             log.debug("stream mirror append failed: %s", exc)
 
     async def replay(self, token: str, stream_id: str, after: int, stream: EventStream) -> None:
-        """Send the client every event after `after`, then follow the stream until it completes."""
-        key, last = self.key(token, stream_id), "0"
+        """Send the client every event after `after`, then follow the stream until it completes.
+
+        The copy keeps about the last 1,024 events, and an append that failed is not in it: what the
+        client then misses is logged, as the owner does when it replays (streamable.py)."""
+        key, last, expected = self.key(token, stream_id), "0", after + 1
         try:
             while not stream.closed:
                 found = await self.reader.xread({key: last}, count=256, block=BLOCK_MS)
@@ -86,6 +89,11 @@ class StreamMirror:
                         stream.end()
                         return
                     if seq > after:
+                        if seq > expected:
+                            log.info("resuming stream %s from Redis after event %d: %d events before %d are not in "
+                                     "its copy (1,024 kept per stream); the client gets the rest",
+                                     stream_id, expected - 1, seq - expected, seq)
+                        expected = seq + 1
                         stream.send(fields[b"d"], f"{stream_id}.{seq}")
         except (RedisError, OSError) as exc:
             log.warning("resuming stream %s from Redis failed: %s", stream_id, exc)

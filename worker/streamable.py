@@ -311,9 +311,16 @@ class Endpoint:
             return self._hand_off(request, owner)
         if log_ is None or not (seq.isascii() and seq.isdigit()):  # "²".isdigit(), but int("²") raises
             return rpc_error(404, rpc.INVALID_REQUEST, "Not Found: unknown Last-Event-ID for this session")
+        after = int(seq)
+        missing = log_.missing_after(after)
+        if missing and log_.done and not log_.events:  # its result is gone too: the client must not wait for it
+            return rpc_error(404, rpc.INVALID_REQUEST, "Not Found: this stream's events are no longer held")
+        if missing:
+            log.info("resuming stream %s after event %d: %d of the events that followed it are no longer held "
+                     "(resume_buffer_mb, or 1,024 per stream); the client gets the rest", stream_id, after, missing)
         if log_.live is not None:
             log_.live.end()  # the client reconnected: the old connection is a ghost
-        return self._attach(session, log_, log_.replay_after(int(seq)))
+        return self._attach(session, log_, log_.replay_after(after))
 
     def _resume_from_redis(self, session: Session, stream_id: str, after: int) -> ResponseLike:
         """The stream's owner is on another host: replay and follow its copy in Redis."""

@@ -14,7 +14,18 @@ from typing import Any
 
 from mcpherd.demo import app as demo_app
 
-from conftest import HANDSHAKE_VERSION, Cluster, RawHttp, initialize, mcp_headers, rpc_body
+from conftest import (
+    HANDSHAKE_VERSION,
+    WATCHED,
+    Cluster,
+    RawHttp,
+    initialize,
+    mcp_headers,
+    next_message,
+    open_stream,
+    rpc_body,
+    stream_headers,
+)
 
 # The conformance fixtures come first, in this order (the suite calls tools[0] without arguments).
 FIRST_TOOLS = ["test_simple_text", "test_image_content", "test_audio_content", "test_embedded_resource",
@@ -319,3 +330,83 @@ def test_a_flood_of_sessions_is_bounded_and_every_session_id_stays_valid(
             text_result("Tool with logging executed successfully", 3)
     held = [line for line in cluster.process.output().splitlines() if "this worker holds 100 sessions" in line]
     assert len(held) == 1 and " INFO " in held[0], held
+
+
+def updated(uri: str) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "method": "notifications/resources/updated", "params": {"uri": uri}}
+
+
+def watch(url: str, session: str, uri: str) -> tuple[RawHttp, str]:
+    """Subscribe the session to `uri` and open its GET stream: the connection and the stream's priming id."""
+    with RawHttp(url) as http:
+        assert call(http, session, "resources/subscribe", {"uri": uri}) == {"jsonrpc": "2.0", "id": 1, "result": {}}
+    stream = RawHttp(url)
+    priming = next(open_stream(stream, "GET", stream_headers(session)))
+    assert priming.data == "" and priming.id is not None
+    return stream, priming.id
+
+
+def test_what_streams_keep_for_resumption_is_bounded_per_worker_and_a_resumption_says_what_it_lacks(
+        clusters: Callable[..., Cluster], tmp_path: Path) -> None:
+    """A worker keeps SSE events for Last-Event-ID within `resume_buffer_mb` (here 1 MiB), all its sessions
+    together. 60 sessions with disconnected GET streams get 150 resource updates each (~2 MiB to keep): the
+    streams quiet longest give way first, then the oldest events of the others. A finished call stream with
+    nothing left answers 404 when resumed (its result is gone: the client must not wait for it); a GET
+    stream that lost its event carries on from the next one; a watcher replays the latest events without a
+    hole; the worker says at INFO what each of these clients missed, and warns once that the budget was
+    reached."""
+    config = tmp_path / "mcpherd.toml"
+    config.write_text("resume_buffer_mb = 1\n")
+    cluster = clusters(1, "--config", str(config))
+    with RawHttp(cluster.url) as http:
+        called = initialize(http)
+        reply = http.request("POST", mcp_headers(called), rpc_body("tools/call", {
+            "name": "test_tool_with_logging", "arguments": {}}, 7))
+        call_priming = reply.events()[0].id
+        assert call_priming is not None and len(reply.messages()) == 4  # three log messages, then the result
+        resumed = http.request("GET", stream_headers(called, call_priming))
+        assert resumed.messages() == reply.messages(), "before the flood the whole stream is replayed"
+
+        quiet = initialize(http)  # its GET stream gets one update, for a resource no one else watches
+        connection, quiet_priming = watch(cluster.url, quiet, "test://static-text")
+        update_static = {"name": "test_trigger_resource_update", "arguments": {"uri": "test://static-text"}}
+        call(http, quiet, "tools/call", update_static)
+        quiet_stream = quiet_priming.rsplit(".", 1)[0]
+        assert next_message(connection.iter_events())[0] == f"{quiet_stream}.1"
+        connection.close()
+
+        watchers = []
+        for _ in range(60):
+            session = initialize(http)
+            connection, priming = watch(cluster.url, session, WATCHED)
+            watchers.append((session, connection, priming))
+        for connection_ in [c for _, c, _ in watchers[:-1]]:
+            connection_.close()
+        for _ in range(150):
+            call(http, called, "tools/call", {"name": "test_trigger_resource_update", "arguments": {}})
+        newest, connection, newest_priming = watchers[-1]
+        newest_stream = newest_priming.rsplit(".", 1)[0]
+        delivered = connection.iter_events()  # still connected: all 150 are out once it has the last
+        assert [next_message(delivered)[0] for _ in range(150)][-1] == f"{newest_stream}.150"
+        connection.close()
+
+        gone = http.request("GET", stream_headers(called, call_priming))
+        assert (gone.status, gone.json()["error"]) == \
+            (404, {"code": -32600, "message": "Not Found: this stream's events are no longer held"})
+        with RawHttp(cluster.url) as again:  # it kept its latest events, as did every watcher as active as it
+            replay = open_stream(again, "GET", stream_headers(newest, newest_priming))
+            first_id, first = next_message(replay)
+            kept = int(str(first_id).rsplit(".", 1)[1])
+            assert 1 < kept < 150 and first == updated(WATCHED)
+            assert [next_message(replay)[0] for _ in range(kept, 150)] == \
+                [f"{newest_stream}.{n}" for n in range(kept + 1, 151)]
+        with RawHttp(cluster.url) as again:
+            replay = open_stream(again, "GET", stream_headers(quiet, quiet_priming))
+            call(http, quiet, "tools/call", update_static)
+            assert next_message(replay) == (f"{quiet_stream}.2", updated("test://static-text"))
+    output = cluster.process.output().splitlines()
+    for stream, lacking in ((quiet_stream, 1), (newest_stream, kept - 1)):
+        missed = [line for line in output if f"resuming stream {stream} after event 0: {lacking} of the events" in line]
+        assert len(missed) == 1 and " INFO " in missed[0], (stream, lacking, missed)
+    full = [line for line in output if "(resume_buffer_mb)" in line]
+    assert len(full) == 1 and " WARNING " in full[0], full

@@ -342,7 +342,45 @@ def test_a_get_stream_dropped_on_a_resumes_through_b_and_follows_it(hosts: Hosts
     assert next_message(resumed) == (f"{stream_id}.2", notification)
     on_a.close()
     stream_b.close()
-    assert "resuming stream" not in hosts.b.process.output()
+    assert f"resuming stream {stream_id}" not in hosts.b.process.output()  # no failure, nothing missed
+
+
+MISSED_ON_A = 1300  # past the ~1,024 events Redis keeps of a stream
+
+
+@pytest.mark.timeout(120)
+def test_a_stream_resumed_through_b_past_what_redis_keeps_replays_the_rest_and_b_says_what_is_missing(
+        hosts: Hosts) -> None:
+    """A GET stream held on A misses 1,300 updates. Redis's copy keeps the last 1,024 or a few more (MAXLEN
+    ~ trims whole nodes): resumed through B from the start, the stream replays a run without a hole that
+    ends with the last update, and B says at INFO how many events that client missed."""
+    on_a, stream_a = RawHttp(hosts.a.url), RawHttp(hosts.a.url)
+    session = initialize(on_a)
+    assert session_call(on_a, session, "resources/subscribe", {"uri": WATCHED}) == {}
+    priming = next(open_stream(stream_a, "GET", stream_headers(session)))
+    stream_a.close()
+    stream_id = str(priming.id).rsplit(".", 1)[0]
+    trigger = {"name": "test_trigger_resource_update", "arguments": {"uri": WATCHED}}
+    for n in range(MISSED_ON_A):
+        session_call(on_a, session, "tools/call", trigger, n + 1)
+    on_a.close()
+    redis = hosts.redis.client()
+    [key] = list(redis.scan_iter(match=f"*:stream:*:{stream_id}"))
+
+    def copied_all() -> bool:
+        last = redis.xrevrange(key, count=1)
+        return bool(last) and int(last[0][1][b"s"]) == MISSED_ON_A
+    wait_until(copied_all, 20.0, 0.05, "A to copy every update to Redis")
+    with RawHttp(hosts.b.url) as stream_b:
+        resumed = open_stream(stream_b, "GET", stream_headers(session, priming.id))
+        first_id, first = next_message(resumed)
+        kept = int(str(first_id).rsplit(".", 1)[1])
+        assert MISSED_ON_A - 1200 < kept <= MISSED_ON_A - 1023, kept
+        assert first == {"jsonrpc": "2.0", "method": "notifications/resources/updated", "params": {"uri": WATCHED}}
+        assert [next_message(resumed)[0] for _ in range(kept, MISSED_ON_A)] == \
+            [f"{stream_id}.{n}" for n in range(kept + 1, MISSED_ON_A + 1)]
+    said = [line for line in hosts.b.process.output().splitlines() if f"resuming stream {stream_id} from Redis" in line]
+    assert len(said) == 1 and " INFO " in said[0] and f"after event 0: {kept - 1} events before {kept}" in said[0], said
 
 def _streams_on_a_and_b(hosts: Hosts) -> list[Iterator[Event]]:
     """A GET stream held on A and one held on B, of two sessions made on A, each past its priming event."""

@@ -12,7 +12,9 @@ from mcpherd.shared.revocations import Revocations
 from mcpherd.shared.signing import Signer, credential_digest
 from mcpherd.worker.sessions import (
     _TOKEN,
+    EVENT_OVERHEAD_BYTES,
     HANDSHAKE_VERSIONS,
+    Session,
     SessionError,
     SessionStore,
     StreamLog,
@@ -125,9 +127,88 @@ def test_stream_log_replays_what_follows_an_event_id() -> None:
     assert [log.append(b"a"), log.append(b"b"), log.append(b"c")] == ["w0s1.1", "w0s1.2", "w0s1.3"]
     assert log.replay_after(1) == [("w0s1.2", b"b"), ("w0s1.3", b"c")]
     assert log.replay_after(3) == [] and len(log.replay_after(0)) == 3
+    assert log.missing_after(0) == 0
     for i in range(2000):
         log.append(b"%d" % i)
     assert len(log.events) == 1024 and log.replay_after(0)[0][0] == "w0s1.980"
+    # A replay from before the window is known to lack events: 979 follow event 0 and are gone.
+    assert (log.missing_after(0), log.missing_after(979), log.missing_after(1500)) == (979, 0, 0)
+    assert log.size == sum(len(data) + EVENT_OVERHEAD_BYTES for _, data in log.events)
+
+
+EVENT = b"x" * (1024 - EVENT_OVERHEAD_BYTES)  # an event that costs exactly 1 KiB
+
+
+def held_by_logs(store: SessionStore) -> int:
+    logs = {id(log): log for s in store.sessions.values() for log in [*s.streams.values(), s.get_stream] if log}
+    return sum(log.size for log in logs.values())
+
+
+def test_resumption_logs_of_all_sessions_share_one_byte_budget_the_longest_quiet_give_way_first() -> None:
+    store = SessionStore(SECRET, "w0", resume_buffer_bytes=64 * 1024)
+    quiet, busy = store.create("2025-11-25", {}, "", {}), store.create("2025-11-25", {}, "", {})
+    quiet_get = store.open_stream(quiet, "g")
+    for _ in range(8):
+        quiet_get.append(EVENT)
+    finished = store.open_stream(busy)
+    for _ in range(20):
+        finished.append(EVENT)
+    finished.done = True
+    busy_get = store.open_stream(busy, "g")
+    for _ in range(30):
+        busy_get.append(EVENT)
+    assert store.replay.held == held_by_logs(store) == 58 * 1024  # under the budget: nothing let go
+    for _ in range(10):
+        busy_get.append(EVENT)
+    # 68 KiB wanted, 64 held: the quiet session's GET stream (appended to longest ago) gave its 4 oldest.
+    assert store.replay.held == held_by_logs(store) == 64 * 1024
+    assert (len(quiet_get.events), quiet_get.missing_after(0), len(finished.events)) == (4, 4, 20)
+    for _ in range(20):
+        busy_get.append(EVENT)
+    # The quiet stream is empty, then the finished call's oldest events go; its result (last) stays.
+    assert store.replay.held == held_by_logs(store) == 64 * 1024
+    assert (len(quiet_get.events), len(finished.events), len(busy_get.events)) == (0, 4, 60)
+    assert finished.replay_after(0)[-1][0] == f"{finished.stream_id}.20" and finished.missing_after(0) == 16
+
+
+def test_a_single_stream_past_the_budget_keeps_its_newest_events() -> None:
+    store = SessionStore(SECRET, "w0", resume_buffer_bytes=16 * 1024)
+    log = store.open_stream(store.create("2025-11-25", {}, "", {}))
+    for _ in range(100):
+        log.append(EVENT)
+    assert store.replay.held == log.size == 16 * 1024
+    assert [event_id for event_id, _ in log.replay_after(0)] == [f"{log.stream_id}.{n}" for n in range(85, 101)]
+
+
+def test_every_way_a_worker_lets_go_of_a_session_or_stream_frees_its_events() -> None:
+    """Ended (DELETE), forgotten as idle, forgotten past `max_sessions`, a stream past `max_streams`:
+    the budget then counts exactly what the sessions still held can resume."""
+    store = SessionStore(SECRET, "w0", idle_timeout=0.05, max_sessions=3, max_streams=2)
+
+    def session_with_events() -> tuple[Session, StreamLog]:
+        session = store.create("2025-11-25", {}, "", {})
+        log = store.open_stream(session)
+        for _ in range(3):
+            log.append(EVENT)
+        log.done = True
+        return session, log
+
+    ended, _ = session_with_events()
+    store.terminate(ended)
+    assert store.replay.held == held_by_logs(store) == 0
+    idle, _ = session_with_events()
+    time.sleep(0.06)
+    assert store.expire() == 1 and store.replay.held == held_by_logs(store) == 0
+    kept = [session_with_events() for _ in range(5)]  # past max_sessions: the two oldest are forgotten
+    assert len(store.sessions) == 3 and store.replay.held == held_by_logs(store) == 3 * 3 * 1024
+    session, first = kept[-1]
+    get_stream = session.get_stream = store.open_stream(session, "g")
+    get_stream.append(EVENT)
+    store.open_stream(session)  # a third stream: past max_streams, the oldest goes
+    assert first.stream_id not in session.streams and session.get_stream is get_stream
+    assert store.replay.held == held_by_logs(store) == (2 * 3 + 1) * 1024
+    store.open_stream(session)  # and now the unconnected GET stream goes: the next GET opens a new one
+    assert session.get_stream is None and store.replay.held == held_by_logs(store) == 2 * 3 * 1024
 
 
 def test_finished_streams_are_evicted_even_behind_a_live_get_stream() -> None:

@@ -66,6 +66,7 @@ def test_a_table_given_by_flags_merges_into_the_files_table(tmp_path: Path) -> N
     ("[restart]\nwindow_s = 0\n", NO_FLAGS, "restart: max_restarts must be >= 0, window_s and backoff_max_s > 0"),
     ("[redis]\nmax_connections = 0\n", NO_FLAGS, "redis: redis.max_connections must be at least 1"),
     ("max_sessions = 0\n", NO_FLAGS, "max_sessions must be at least 1"),
+    ("resume_buffer_mb = 0\n", NO_FLAGS, "resume_buffer_mb must be at least 1"),
 ])
 def test_a_bad_value_is_refused_with_a_message_naming_the_key(tmp_path: Path, text: str, flags: dict[str, object],
                                                               message: str) -> None:
