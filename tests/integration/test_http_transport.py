@@ -4,12 +4,29 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import socket
 import threading
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from conftest import Process, RawHttp, initialize, mcp_headers, modern_call, modern_headers, modern_meta, rpc_body, start_worker
+import psutil
+
+from conftest import (
+    Cluster,
+    Process,
+    RawHttp,
+    initialize,
+    mcp_headers,
+    modern_call,
+    modern_headers,
+    modern_meta,
+    rpc_body,
+    start_worker,
+    wait_until,
+)
 
 
 def echo(text: str, request_id: int) -> bytes:
@@ -106,31 +123,67 @@ def test_quiet_streams_get_keepalive_comments(spawn: Callable[..., Process]) -> 
         assert stream.read_chunk() == b": keepalive\n\n"
 
 
-PIPELINED = 10_000  # tools/list requests (~7.5 KB answers): ~75 MB of answers for a client that reads none
+PIPELINED = 20_000  # tools/list requests of ~400 bytes, each answered with ~7.4 KB: 148 MB of answers
 
 
-def test_a_client_that_does_not_read_its_answers_is_not_read_either(worker: str) -> None:
-    """Flow control: a client pipelining requests without reading the answers stops being read once its
-    answers fill the buffers, so the worker never holds more than a few of them in memory (it used to
-    read and answer everything, ~75 MB here, as fast as the client sent). Nothing is lost: once the
-    client reads, every answer arrives, in order."""
-    with RawHttp(worker) as http:
+def requests_answered(cluster: Cluster, method: str) -> int:
+    samples = re.findall(rf'^mcpherd_requests_total{{method="{method}",[^}}]*}} (\S+)$', cluster.scrape(), re.M)
+    return int(sum(float(value) for value in samples))
+
+
+def test_a_client_that_does_not_read_its_answers_is_neither_read_nor_answered(clusters: Callable[..., Cluster]) -> None:
+    """Flow control: a client pipelining requests without reading the answers stops being read, and
+    answered, once the answers fill the buffers between it and the worker; what the worker read meanwhile
+    waits as parsed requests, no bigger than what the client sent. It used to answer everything a loop turn
+    read (libuv reads up to 32 times a turn, 8 MB here) before flow control could act: all 20,000 answers,
+    148 MB, held for one connection. Nothing is lost: once the client reads, every answer arrives, in order."""
+    cluster = clusters(1)
+    [pid] = cluster.worker_pids()
+    worker = psutil.Process(pid)
+    with RawHttp(cluster.url) as http:
+        answer_bytes = len(modern_call(http, "tools/list", {}, 0).body)  # without its head: a looser bound
+    with RawHttp(cluster.url) as http:
         http.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-        # 4 KB a request: 40 MB in all, more than the kernel's socket buffers hold between us (~10 MB)
-        request = http.build("POST", modern_headers("tools/list", x_pad="p" * 4000),
-                             rpc_body("tools/list", {"_meta": modern_meta()}))
-        sent = [0]
-
-        def send_all() -> None:
-            for _ in range(PIPELINED):
-                http.sock.sendall(request)
-                sent[0] += 1
-        sender = threading.Thread(target=send_all, daemon=True)
+        pipelined = b"".join(http.build("POST", modern_headers("tools/list"),
+                                        rpc_body("tools/list", {"_meta": modern_meta()}, n)) for n in range(PIPELINED))
+        before = worker.memory_info().rss
+        sender = threading.Thread(target=http.sock.sendall, args=(pipelined,), daemon=True)
         sender.start()
         sender.join(3.0)  # long enough to send all of it, if the worker went on reading
-        assert sender.is_alive() and sent[0] < PIPELINED // 2, f"{sent[0]} requests sent to a client not reading"
+        assert sender.is_alive(), "all 8 MB of requests were read by a worker whose client reads nothing"
+        # Answered: what the buffers between us hold (the worker's socket's at most tcp_wmem's maximum, ours
+        # twice its SO_RCVBUF) and the worker's own (its transport's high-water mark, one early write);
+        # ~550 of the 20,000 on this kernel's defaults.
+        held = int(Path("/proc/sys/net/ipv4/tcp_wmem").read_text().split()[2]) + 2 * 65536 + 2 * 64 * 1024
+        answered = requests_answered(cluster, "tools/list")
+        assert answered <= held // answer_bytes + 1, f"{answered} answers made for a client that reads none"
+        grown = worker.memory_info().rss - before
+        assert grown < 16 * 2**20, f"the worker grew by {grown >> 20} MiB"
         for n in range(PIPELINED):
             reply = http.read_reply()
-            assert reply.status == 200 and len(reply.json()["result"]["tools"]) > 10, (n, reply.status)
+            assert reply.status == 200 and reply.json()["id"] == n and len(reply.json()["result"]["tools"]) > 10, n
         sender.join(10.0)
-        assert not sender.is_alive() and sent[0] == PIPELINED
+        assert not sender.is_alive()
+    assert requests_answered(cluster, "tools/list") == PIPELINED + 1
+
+
+def test_a_client_that_reads_none_of_its_answers_for_send_timeout_is_disconnected(spawn: Callable[..., Process]) -> None:
+    """As nginx's send_timeout: a client whose answers wait unread for `send_timeout` (here 1 s) is gone."""
+    url = start_worker(spawn, "limits=HttpLimits(send_timeout=1.0)")
+    with RawHttp(url) as http:
+        http.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        request = http.build("POST", modern_headers("tools/list"), rpc_body("tools/list", {"_meta": modern_meta()}))
+        failed: list[OSError] = []
+
+        def send_until_refused() -> None:
+            try:
+                while True:
+                    http.sock.sendall(request * 100)
+            except OSError as exc:
+                failed.append(exc)
+        started = time.monotonic()
+        sender = threading.Thread(target=send_until_refused, daemon=True)
+        sender.start()
+        wait_until(lambda: not sender.is_alive(), 15.0, 0.05, "the worker to drop a client that reads nothing")
+        assert time.monotonic() - started >= 1.0
+        assert len(failed) == 1 and isinstance(failed[0], (ConnectionResetError, BrokenPipeError)), failed
