@@ -8,7 +8,8 @@ open until the handler ends it or the client goes away.
 Limits are enforced here, before the MCP layer sees a byte: header block size (431), body size (413),
 a deadline to finish sending a request (408) and an idle keep-alive timeout. A client whose answers
 fill the transport's buffer is neither read nor answered until it reads them (flow control), and one
-that reads none of them for `send_timeout` is disconnected. The deadlines are checked by one sweep per
+that reads none of them for `send_timeout` is disconnected; one with `max_pipelined` requests in hand is
+not read until one of them is answered. The deadlines are checked by one sweep per
 second over all connections rather than a timer per request, which costs nothing on the hot path.
 
 Writes are coalesced per event-loop turn (`_WriteBatch`): what the connections of one worker write while
@@ -108,7 +109,7 @@ class HttpConnection(asyncio.Protocol):
     __slots__ = ("_handler", "_limits", "_max_header_bytes", "_max_headers", "_registry", "_traffic", "_loop",
                  "_parser", "transport", "state", "deadline", "closed", "_url", "_headers", "_header_bytes", "_body",
                  "_body_bytes", "_rejected", "_queue", "_active_stream", "_write_paused", "_send_deadline", "_backlog",
-                 "_batch", "_out", "_out_bytes", "_drain_waiters", "on_close", "draining", "fresh")
+                 "_releasing", "_batch", "_out", "_out_bytes", "_drain_waiters", "on_close", "draining", "fresh")
 
     def __init__(self, handler: Handler, limits: HttpLimits, registry: set[HttpConnection],
                  traffic: list[int] | None = None) -> None:
@@ -137,6 +138,7 @@ class HttpConnection(asyncio.Protocol):
         self._send_deadline = 0.0  # while writes are paused: when a client that reads nothing is given up on
         # Requests parsed since writes paused, handled once the client reads; None while none are held back.
         self._backlog: deque[Request] | None = None
+        self._releasing = False
         self._batch = _write_batch(self._loop)
         self._out: list[bytes] = []  # written this loop turn, not yet handed to the transport
         self._out_bytes = 0
@@ -186,29 +188,49 @@ class HttpConnection(asyncio.Protocol):
         # Flow control, as nginx and uvicorn do it: a client that does not read its answers is neither
         # read nor answered further. Otherwise one pipelining requests without reading has the worker
         # answer all of them into memory: 148 MB for 20,000 tools/list of 381 bytes, 20 times what it
-        # sent. Requests already read wait parsed (`_backlog`: what the client sent, no more), and
-        # what stays buffered is about the transport's high-water mark. As nginx's send_timeout, a
-        # client that reads nothing for `send_timeout` is disconnected (`expire`).
+        # sent. What stays buffered is about the transport's high-water mark. As nginx's send_timeout,
+        # a client that reads nothing for `send_timeout` is disconnected (`expire`).
         self._write_paused = True
         self._send_deadline = self._loop.time() + self._limits.send_timeout
+        self._hold()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._release()
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    # -- holding a client back -----------------------------------------------------------------
+    def _hold(self) -> None:
+        """Stop reading the client; what it already sent waits parsed in `_backlog` until `_release`.
+
+        Two things hold a client back: it does not read its answers (pause_writing), or it pipelined
+        `max_pipelined` requests still being handled. Either way what the worker holds for it is what
+        it sent (one read's worth, at most), not what answering or handling all of it would take.
+        """
         if self._backlog is None:
             self._backlog = deque()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.pause_reading()
 
-    def resume_writing(self) -> None:
-        self._write_paused = False
+    def _release(self) -> None:
+        """Handle what waits while the client reads and the pipeline has room; read it again once none waits."""
         backlog = self._backlog
-        while backlog and not self._write_paused and not self._rejected:
-            self._dispatch(backlog.popleft())
-        if not self._write_paused:
+        if backlog is None or self._releasing:
+            return  # not held back; or called again by a request this loop handles (see below)
+        self._releasing = True
+        try:
+            while backlog and not self._write_paused and not self._rejected \
+                    and len(self._queue) < self._limits.max_pipelined:
+                self._dispatch(backlog.popleft())  # its answer may come back here through `_flush`
+        finally:
+            self._releasing = False
+        if not backlog and not self._write_paused:
             self._backlog = None
             if self.transport is not None and not self.transport.is_closing():
                 self.transport.resume_reading()
-        waiters, self._drain_waiters = self._drain_waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
 
     # -- parser callbacks ----------------------------------------------------------------------
     # No `on_message_begin`: httptools skips callbacks a protocol does not define, and every request
@@ -276,7 +298,7 @@ class HttpConnection(asyncio.Protocol):
             self._parser.should_keep_alive(),
             self,
         )
-        if self._backlog is not None:  # the client is not reading: answered once it does
+        if self._backlog is not None:  # held back (`_hold`): handled once the client may go on
             self._backlog.append(request)
             return
         self._dispatch(request)
@@ -306,6 +328,8 @@ class HttpConnection(asyncio.Protocol):
         else:
             future = asyncio.ensure_future(result)  # type: ignore[arg-type]
             future.add_done_callback(lambda f: self._complete(entry, request, _task_result(f)))
+        if len(self._queue) >= self._limits.max_pipelined:
+            self._hold()  # not on the path above: an answer written at once never fills the queue
 
     def _write_complete(self, request: Request, response: Response) -> None:
         """`_complete` then `_flush` for a response that is first in line, without the queue."""
@@ -326,8 +350,10 @@ class HttpConnection(asyncio.Protocol):
 
     def _idle(self) -> None:
         """The last answer went out: wait for the next request, or close when draining."""
-        if self._backlog:
-            return  # the next requests arrived already, and wait for the client to read
+        if self._backlog or self.state is not ConnState.BUSY:
+            # Not idle: the next requests arrived already and wait their turn, or the next one is arriving
+            # (READING: its deadline runs, and a URL that comes in pieces must not start over).
+            return
         self.state = ConnState.IDLE
         self.deadline = self._loop.time() + self._limits.keepalive_timeout
         if self.draining:
@@ -358,6 +384,8 @@ class HttpConnection(asyncio.Protocol):
             else:
                 self._active_stream = head
                 head.attach(self)
+        if self._backlog is not None:
+            self._release()
         if not self._queue and self._active_stream is None and self.state is ConnState.BUSY:
             self._idle()
 

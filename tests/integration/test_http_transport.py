@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import re
@@ -20,6 +21,7 @@ from conftest import (
     RawHttp,
     initialize,
     mcp_headers,
+    metric_value,
     modern_call,
     modern_headers,
     modern_meta,
@@ -131,7 +133,8 @@ def requests_answered(cluster: Cluster, method: str) -> int:
     return int(sum(float(value) for value in samples))
 
 
-def test_a_client_that_does_not_read_its_answers_is_neither_read_nor_answered(clusters: Callable[..., Cluster]) -> None:
+def test_a_client_that_does_not_read_its_answers_is_neither_read_nor_answered(
+        clusters: Callable[..., Cluster]) -> None:
     """Flow control: a client pipelining requests without reading the answers stops being read, and
     answered, once the answers fill the buffers between it and the worker; what the worker read meanwhile
     waits as parsed requests, no bigger than what the client sent. It used to answer everything a loop turn
@@ -167,7 +170,64 @@ def test_a_client_that_does_not_read_its_answers_is_neither_read_nor_answered(cl
     assert requests_answered(cluster, "tools/list") == PIPELINED + 1
 
 
-def test_a_client_that_reads_none_of_its_answers_for_send_timeout_is_disconnected(spawn: Callable[..., Process]) -> None:
+def send_until_closed(sock: socket.socket, data: bytes) -> None:
+    with contextlib.suppress(OSError):  # the test closes the socket while this still sends
+        sock.sendall(data)
+
+
+def slow_calls(http: RawHttp, seconds: float, count: int) -> bytes:
+    """`count` pipelined 2026-07-28 calls of the demo's `slow_io`, with ids 0 .. count - 1."""
+    headers = modern_headers("tools/call", "slow_io")
+    return b"".join(http.build("POST", headers, rpc_body("tools/call", {
+        "name": "slow_io", "arguments": {"seconds": seconds}, "_meta": modern_meta()}, n)) for n in range(count))
+
+
+def test_one_connection_has_at_most_max_pipelined_requests_in_hand_and_is_not_read_past_them(
+        clusters: Callable[..., Cluster]) -> None:
+    """A connection has at most `max_pipelined` (64) requests being handled; what it pipelines past them
+    waits, parsed, and it is not read meanwhile. It used to have everything it sent handled at once:
+    20,000 slow calls pipelined on one connection were 20,000 tasks, read as fast as the client sent."""
+    cluster = clusters(1, "--graceful-timeout", "1")  # its stop does not wait for the calls to end
+    with RawHttp(cluster.url) as http:
+        sender = threading.Thread(target=send_until_closed, args=(http.sock, slow_calls(http, 30.0, 20_000)))
+        sender.start()
+        sender.join(3.0)  # long enough to send all 8 MB, if the worker went on reading
+        assert sender.is_alive(), "a worker with 64 calls in hand read all the client sent"
+        assert metric_value(cluster.scrape(), "mcpherd_inflight_requests") == 64
+        http.sock.shutdown(socket.SHUT_RDWR)
+        sender.join(5.0)
+    with RawHttp(cluster.url) as other:  # the worker goes on serving everyone else at once
+        reply = modern_call(other, "tools/call", {"name": "echo", "arguments": {"text": "still here"}}, 7)
+        assert reply.json()["result"]["content"] == [{"type": "text", "text": "still here"}]
+
+
+def test_a_request_arriving_in_pieces_while_held_back_requests_are_answered_is_read_whole(worker: str) -> None:
+    """64 slow calls fill the pipeline, so the echo behind them waits; the next request's URL has half
+    arrived when they are answered and the echo is handled: that request is still read whole. (Answering
+    a held-back request used to count the connection idle, and the rest of the URL began a new request:
+    "/m" + "cp" answered 404 for path "cp".)"""
+    with RawHttp(worker) as http:
+        echo_call = rpc_body("tools/call", {"name": "echo", "arguments": {"text": "whole"}, "_meta": modern_meta()}, 64)
+        echo_request = http.build("POST", modern_headers("tools/call", "echo"), echo_call)
+        split = echo_request.index(b"/mcp") + 2
+        http.send(slow_calls(http, 0.2, 64) + echo_request + echo_request[:split])
+        assert [http.read_reply().json()["id"] for _ in range(65)] == list(range(65))
+        http.send(echo_request[split:])
+        reply = http.read_reply()
+        assert (reply.status, reply.json()["id"]) == (200, 64)
+        assert reply.json()["result"]["content"] == [{"type": "text", "text": "whole"}]
+
+
+def test_calls_pipelined_past_max_pipelined_are_all_answered_in_order(worker: str) -> None:
+    with RawHttp(worker) as http:
+        http.send(slow_calls(http, 0.05, 300))  # five rounds of 64 at most
+        for n in range(300):
+            reply = http.read_reply()
+            assert reply.status == 200 and reply.json()["id"] == n, n
+            assert reply.json()["result"]["content"] == [{"type": "text", "text": "waited 0.05s"}], n
+
+
+def test_a_client_that_reads_none_of_its_answers_for_send_timeout_is_dropped(spawn: Callable[..., Process]) -> None:
     """As nginx's send_timeout: a client whose answers wait unread for `send_timeout` (here 1 s) is gone."""
     url = start_worker(spawn, "limits=HttpLimits(send_timeout=1.0)")
     with RawHttp(url) as http:
