@@ -374,7 +374,7 @@ class HttpConnection(asyncio.Protocol):
         while self._queue and self._active_stream is None:
             head = self._queue[0][0]
             if head is None:
-                return
+                break  # still being handled; those behind it wait (but the pipeline may have room now)
             self._queue.popleft()
             if isinstance(head, Response):
                 self._write_response(head)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import base64
 import json
 import socket
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -208,4 +210,63 @@ def test_random_json_rpc_messages(target: Target, data: st.DataObject, version: 
         headers = mcp_headers(target.sessions[version], version)
     with RawHttp(target.url) as http:
         assert_well_formed(http.request("POST", headers, body))
+    target.check_alive()
+
+
+# Each kind of pipelined request: its params and the answer's result as the client must see it.
+PIPELINED_KINDS: dict[str, tuple[str, dict[str, Any]]] = {
+    "echo": ("tools/call", {"name": "echo", "arguments": {"text": "e"}}),  # answered at once
+    "slow": ("tools/call", {"name": "slow_io", "arguments": {"seconds": 0.01}}),  # answered later: fills the pipeline
+    "list": ("tools/list", {}),  # ~7.4 KB: ~600 fill the buffers of a client that is not reading
+}
+
+
+def pipelined_request(http: RawHttp, kind: str, request_id: int) -> bytes:
+    method, params = PIPELINED_KINDS[kind]
+    name = params.get("name")
+    return http.build("POST", modern_headers(method, name),
+                      rpc_body(method, {**params, "_meta": modern_meta()}, request_id))
+
+
+def send_in_pieces(sock: socket.socket, data: bytes, cuts: list[int]) -> None:
+    start = 0
+    for end in sorted({cut for cut in cuts if 0 < cut < len(data)}) + [len(data)]:
+        sock.sendall(data[start:end])
+        start = end
+        time.sleep(0.002)  # so that pieces arrive in separate reads
+
+
+@pytest.mark.timeout(300)
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None)
+@given(count=st.integers(1, 1500), mix=st.lists(st.sampled_from(sorted(PIPELINED_KINDS)), min_size=1, max_size=6),
+       cuts=st.lists(st.tuples(st.integers(0, 1499), st.integers(6, 8) | st.integers(1, 600)), max_size=30),
+       read_after=st.sampled_from([0.0, 0.3]))
+def test_pipelined_requests_in_any_pieces_are_all_answered_in_order(
+        target: Target, count: int, mix: list[str], cuts: list[tuple[int, int]], read_after: float) -> None:
+    """Requests pipelined in pieces cut anywhere (mid-URL, mid-header, mid-body), answered at once or later,
+    read at once or after 0.3 s (so that the worker stops reading and answering, and more than 64 slow
+    calls wait their turn): every answer arrives, in request order, with the right result. A cut is an
+    offset into one of the requests, half of them into its URL ("POST /m|cp")."""
+    kinds = [mix[n % len(mix)] for n in range(count)]
+    with RawHttp(target.url) as http:
+        http.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        requests = [pipelined_request(http, kind, n) for n, kind in enumerate(kinds)]
+        starts = [0]
+        for request in requests:
+            starts.append(starts[-1] + len(request))
+        positions = [starts[index] + offset for index, offset in cuts if index < count]
+        sender = threading.Thread(target=send_in_pieces, args=(http.sock, b"".join(requests), positions), daemon=True)
+        sender.start()
+        time.sleep(read_after)
+        for n, kind in enumerate(kinds):
+            reply = http.read_reply()
+            assert (reply.status, reply.json()["id"]) == (200, n), (n, kind, reply)
+            result = reply.json()["result"]
+            if kind == "list":
+                assert len(result["tools"]) > 10
+            else:
+                assert result["content"] == [{"type": "text", "text": "e" if kind == "echo" else "waited 0.01s"}]
+        sender.join(10.0)
+        assert not sender.is_alive()
+    event(f"{count // 100 * 100}+ requests")
     target.check_alive()

@@ -201,21 +201,34 @@ def test_one_connection_has_at_most_max_pipelined_requests_in_hand_and_is_not_re
         assert reply.json()["result"]["content"] == [{"type": "text", "text": "still here"}]
 
 
-def test_a_request_arriving_in_pieces_while_held_back_requests_are_answered_is_read_whole(worker: str) -> None:
-    """64 slow calls fill the pipeline, so the echo behind them waits; the next request's URL has half
-    arrived when they are answered and the echo is handled: that request is still read whole. (Answering
-    a held-back request used to count the connection idle, and the rest of the URL began a new request:
-    "/m" + "cp" answered 404 for path "cp".)"""
+def test_requests_cut_mid_url_while_the_client_is_not_reading_are_all_read_whole(worker: str) -> None:
+    """1,000 pipelined tools/list, sent in pieces of 50 that each end inside the next request's URL
+    ("POST /m" | "cp HTTP/1.1"), to a client that reads nothing for half a second: the worker stops
+    answering in the middle of a piece, with a URL half read. Every answer still arrives, in order.
+    (Answering what waited once the client read counted the connection idle, and the rest of the URL
+    began a new request: the 601st answered 404 for path "cp".)"""
     with RawHttp(worker) as http:
-        echo_call = rpc_body("tools/call", {"name": "echo", "arguments": {"text": "whole"}, "_meta": modern_meta()}, 64)
-        echo_request = http.build("POST", modern_headers("tools/call", "echo"), echo_call)
-        split = echo_request.index(b"/mcp") + 2
-        http.send(slow_calls(http, 0.2, 64) + echo_request + echo_request[:split])
-        assert [http.read_reply().json()["id"] for _ in range(65)] == list(range(65))
-        http.send(echo_request[split:])
-        reply = http.read_reply()
-        assert (reply.status, reply.json()["id"]) == (200, 64)
-        assert reply.json()["result"]["content"] == [{"type": "text", "text": "whole"}]
+        http.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        headers = modern_headers("tools/list")
+        body = {"_meta": modern_meta()}
+        requests = [http.build("POST", headers, rpc_body("tools/list", body, n)) for n in range(1000)]
+        data = b"".join(requests)
+        cuts = [sum(map(len, requests[:n])) + len(b"POST /m") for n in range(50, 1000, 50)]
+
+        def send_in_pieces() -> None:
+            start = 0
+            for end in [*cuts, len(data)]:
+                http.sock.sendall(data[start:end])
+                start = end
+                time.sleep(0.002)  # one read a piece
+        sender = threading.Thread(target=send_in_pieces, daemon=True)
+        sender.start()
+        time.sleep(0.5)
+        for n in range(1000):
+            reply = http.read_reply()
+            assert reply.status == 200 and reply.json()["id"] == n, (n, reply)
+        sender.join(10.0)
+        assert not sender.is_alive()
 
 
 def test_calls_pipelined_past_max_pipelined_are_all_answered_in_order(worker: str) -> None:
