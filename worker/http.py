@@ -216,18 +216,19 @@ class HttpConnection(asyncio.Protocol):
             self.transport.pause_reading()
 
     def _release(self) -> None:
-        """Handle what waits while the client reads and the pipeline has room; read it again once none waits."""
+        """Handle what waits while the client reads and the pipeline has room; read it again once nothing
+        waits and there is still room."""
         backlog = self._backlog
         if backlog is None or self._releasing:
             return  # not held back; or called again by a request this loop handles (see below)
+        limit = self._limits.max_pipelined
         self._releasing = True
         try:
-            while backlog and not self._write_paused and not self._rejected \
-                    and len(self._queue) < self._limits.max_pipelined:
+            while backlog and not self._write_paused and not self._rejected and len(self._queue) < limit:
                 self._dispatch(backlog.popleft())  # its answer may come back here through `_flush`
         finally:
             self._releasing = False
-        if not backlog and not self._write_paused:
+        if not backlog and not self._write_paused and len(self._queue) < limit:
             self._backlog = None
             if self.transport is not None and not self.transport.is_closing():
                 self.transport.resume_reading()
