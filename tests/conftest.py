@@ -685,6 +685,16 @@ def session_processes(sid: int) -> list[int]:
     return found
 
 
+def send_in_pieces(sock: socket.socket, data: bytes, cuts: list[int]) -> None:
+    """Send `data` cut at the offsets `cuts` (any order; out of range ignored), pausing after each piece
+    so that each arrives in a read of its own."""
+    start = 0
+    for end in sorted({cut for cut in cuts if 0 < cut < len(data)}) + [len(data)]:
+        sock.sendall(data[start:end])
+        start = end
+        time.sleep(0.002)
+
+
 def closed_by_peer(sock: socket.socket, timeout: float) -> bool:
     """True when the peer closes `sock` (EOF or reset) within the timeout; what is still unread is dropped."""
     sock.settimeout(timeout)

@@ -387,7 +387,7 @@ class HttpConnection(asyncio.Protocol):
                 head.attach(self)
         if self._backlog is not None:
             self._release()
-        if not self._queue and self._active_stream is None and self.state is ConnState.BUSY:
+        if not self._queue and self._active_stream is None:
             self._idle()
 
     def stream_finished(self, stream: Stream) -> None:

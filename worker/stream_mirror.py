@@ -23,6 +23,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from mcpherd.worker.sessions import MAX_LOG_EVENTS
 from mcpherd.worker.sse import EventStream
 
 log = logging.getLogger("mcpherd.worker")
@@ -64,7 +65,7 @@ class StreamMirror:
             await asyncio.wait([previous])
         try:
             async with self.client.pipeline(transaction=False) as pipe:
-                pipe.xadd(key, fields, maxlen=1024, approximate=True)
+                pipe.xadd(key, fields, maxlen=MAX_LOG_EVENTS, approximate=True)
                 pipe.expire(key, KEEP_S)
                 await pipe.execute()
         except (RedisError, OSError) as exc:
@@ -91,8 +92,8 @@ class StreamMirror:
                     if seq > after:
                         if seq > expected:
                             log.info("resuming stream %s from Redis after event %d: %d events before %d are not in "
-                                     "its copy (1,024 kept per stream); the client gets the rest",
-                                     stream_id, expected - 1, seq - expected, seq)
+                                     "its copy (%d kept per stream); the client gets the rest",
+                                     stream_id, expected - 1, seq - expected, seq, MAX_LOG_EVENTS)
                         expected = seq + 1
                         stream.send(fields[b"d"], f"{stream_id}.{seq}")
         except (RedisError, OSError) as exc:

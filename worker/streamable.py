@@ -25,7 +25,7 @@ from mcpherd.worker.http import HANDED_OFF, Request, Response, ResponseLike
 from mcpherd.worker.invoke import start_eagerly
 from mcpherd.worker.methods import Methods, RequestParams, request_params
 from mcpherd.worker.security import AllowList
-from mcpherd.worker.sessions import HANDSHAKE_VERSIONS, Session, SessionError, SessionStore, StreamLog
+from mcpherd.worker.sessions import HANDSHAKE_VERSIONS, MAX_LOG_EVENTS, Session, SessionError, SessionStore, StreamLog
 from mcpherd.worker.sse import EventStream
 
 log = logging.getLogger("mcpherd.worker")
@@ -317,7 +317,8 @@ class Endpoint:
             return rpc_error(404, rpc.INVALID_REQUEST, "Not Found: this stream's events are no longer held")
         if missing:
             log.info("resuming stream %s after event %d: %d of the events that followed it are no longer held "
-                     "(resume_buffer_mb, or 1,024 per stream); the client gets the rest", stream_id, after, missing)
+                     "(resume_buffer_mb, or %d per stream); the client gets the rest",
+                     stream_id, after, missing, MAX_LOG_EVENTS)
         if log_.live is not None:
             log_.live.end()  # the client reconnected: the old connection is a ghost
         return self._attach(session, log_, log_.replay_after(after))

@@ -30,6 +30,7 @@ from conftest import (
     modern_headers,
     modern_meta,
     rpc_body,
+    send_in_pieces,
     start_worker,
 )
 
@@ -226,14 +227,6 @@ def pipelined_request(http: RawHttp, kind: str, request_id: int) -> bytes:
     name = params.get("name")
     return http.build("POST", modern_headers(method, name),
                       rpc_body(method, {**params, "_meta": modern_meta()}, request_id))
-
-
-def send_in_pieces(sock: socket.socket, data: bytes, cuts: list[int]) -> None:
-    start = 0
-    for end in sorted({cut for cut in cuts if 0 < cut < len(data)}) + [len(data)]:
-        sock.sendall(data[start:end])
-        start = end
-        time.sleep(0.002)  # so that pieces arrive in separate reads
 
 
 @pytest.mark.timeout(300)

@@ -26,6 +26,7 @@ from conftest import (
     modern_headers,
     modern_meta,
     rpc_body,
+    send_in_pieces,
     start_worker,
     wait_until,
 )
@@ -214,14 +215,7 @@ def test_requests_cut_mid_url_while_the_client_is_not_reading_are_all_read_whole
         requests = [http.build("POST", headers, rpc_body("tools/list", body, n)) for n in range(1000)]
         data = b"".join(requests)
         cuts = [sum(map(len, requests[:n])) + len(b"POST /m") for n in range(50, 1000, 50)]
-
-        def send_in_pieces() -> None:
-            start = 0
-            for end in [*cuts, len(data)]:
-                http.sock.sendall(data[start:end])
-                start = end
-                time.sleep(0.002)  # one read a piece
-        sender = threading.Thread(target=send_in_pieces, daemon=True)
+        sender = threading.Thread(target=send_in_pieces, args=(http.sock, data, cuts), daemon=True)
         sender.start()
         time.sleep(0.5)
         for n in range(1000):
